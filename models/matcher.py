@@ -1,0 +1,68 @@
+"""Hungarian matching between predictions and ground-truth boxes."""
+from typing import Dict, List, Tuple
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of targets to queries minimising a weighted cost.
+
+    The cost of predicting target ``j`` with query ``i`` is
+    ``cost_class * focal(i, label_j) + cost_bbox * L1(box_i, box_j) - cost_giou * GIoU(box_i, box_j)``,
+    where the class term is the focal loss of the target's class minus that of not predicting it.
+
+    Args:
+        cost_class, cost_bbox, cost_giou: weights of the three terms.
+        focal_alpha, focal_gamma: focal-loss parameters of the class cost. The original fixes
+            them at 0.25 and 2 whatever ``--focal_alpha`` says (models/matcher.py), and so does
+            :func:`build_matcher`.
+    """
+
+    def __init__(self, cost_class: float = 1, cost_bbox: float = 1, cost_giou: float = 1,
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0):
+        super().__init__()
+        if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
+            raise ValueError("the matching costs cannot all be 0")
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    @torch.no_grad()
+    def forward(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
+        """
+        Args:
+            outputs: ``pred_logits (B, Q, num_classes)`` and ``pred_boxes (B, Q, 4)`` (cx, cy, w, h).
+            targets: per image ``labels (N_i,)`` and ``boxes (N_i, 4)`` (cx, cy, w, h).
+
+        Returns:
+            Per image ``(query_indices, target_indices)``, int64 of length ``min(Q, N_i)``.
+        """
+        batch, num_queries = outputs["pred_logits"].shape[:2]
+        out_prob = outputs["pred_logits"].flatten(0, 1).sigmoid()
+        out_bbox = outputs["pred_boxes"].flatten(0, 1)
+        tgt_ids = torch.cat([t["labels"] for t in targets])
+        tgt_bbox = torch.cat([t["boxes"] for t in targets])
+
+        alpha, gamma = self.focal_alpha, self.focal_gamma
+        neg_cost_class = (1 - alpha) * (out_prob ** gamma) * (-(1 - out_prob + 1e-8).log())
+        pos_cost_class = alpha * ((1 - out_prob) ** gamma) * (-(out_prob + 1e-8).log())
+        cost_class = pos_cost_class[:, tgt_ids] - neg_cost_class[:, tgt_ids]
+        cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
+
+        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        cost = cost.view(batch, num_queries, -1).cpu()
+        sizes = [len(t["boxes"]) for t in targets]
+        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
+        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+
+
+def build_matcher(args) -> HungarianMatcher:
+    return HungarianMatcher(cost_class=args.set_cost_class, cost_bbox=args.set_cost_bbox,
+                            cost_giou=args.set_cost_giou)

@@ -1,0 +1,309 @@
+"""The detector: checkpoint layout, initialisation, shapes, invariances, gradients."""
+import argparse
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from models import build_model
+from models.backbone import Backbone
+from models.deformable_transformer import DeformableTransformer, DeformableTransformerEncoder
+from util.misc import nested_tensor_from_tensor_list
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "state_dicts"
+
+CONFIGS = {
+    "r50_deformable_detr": [],
+    "r50_deformable_detr_single_scale": ["--num_feature_levels", "1"],
+    "r50_deformable_detr_single_scale_dc5": ["--num_feature_levels", "1", "--dilation"],
+    "r50_deformable_detr_plus_iterative_bbox_refinement": ["--with_box_refine"],
+    "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage": ["--with_box_refine", "--two_stage"],
+}
+SMALL = ["--backbone", "resnet18", "--hidden_dim", "64", "--nheads", "4", "--dim_feedforward", "128",
+         "--enc_layers", "2", "--dec_layers", "3", "--num_queries", "20", "--num_classes", "7", "--dropout", "0"]
+
+
+def parse(flags):
+    return main.get_args_parser().parse_args(list(flags) + ["--backbone_weights", "none", "--device", "cpu"])
+
+
+def build(flags, seed=0):
+    torch.manual_seed(seed)
+    return build_model(parse(flags))
+
+
+def read_manifest(name):
+    lines = (REFERENCE / f"{name}.tsv").read_text().splitlines()
+    count = int(lines[1].split(":")[1])
+    rows = [line.split("\t") for line in lines if not line.startswith("#")]
+    return count, rows
+
+
+def state_dict_kinds(model):
+    """key -> 'param' (first name of a trainable parameter), 'frozen_param' or 'buffer'
+    (registered buffers and every later name of a shared parameter)."""
+    first_names = {}
+    for name, p in model.named_parameters():
+        first_names[name] = "param" if p.requires_grad else "frozen_param"
+    return {k: first_names.get(k, "buffer") for k in model.state_dict()}
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason="shared/reference not beside the checkout")
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_state_dict_matches_released_manifest(name):
+    count, rows = read_manifest(name)
+    model, _, _ = build(CONFIGS[name])
+    state = model.state_dict()
+    kinds = state_dict_kinds(model)
+    assert [r[0] for r in rows] == list(state), "keys or their order differ"
+    for key, shape, dtype, kind in rows:
+        assert "x".join(map(str, state[key].shape)) == shape, key
+        assert str(state[key].dtype).removeprefix("torch.") == dtype, key
+        assert kinds[key] == kind, key
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_released_checkpoint_layout_loads_strictly(tmp_path, name):
+    """A checkpoint in the released layout (args as argparse.Namespace) loads with strict=True."""
+    model, _, _ = build(CONFIGS[name], seed=1)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=2e-4), "epoch": 49}, path)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    fresh, _, _ = build(CONFIGS[name], seed=2)
+    fresh.load_state_dict(ckpt["model"], strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_initialisation():
+    model, _, _ = build(["--with_box_refine"])
+    attn = model.transformer.encoder.layers[0].self_attn
+    bias = attn.sampling_offsets.bias.detach().view(attn.n_heads, attn.n_levels, attn.n_points, 2)
+    for h in range(attn.n_heads):
+        theta = 2 * math.pi * h / attn.n_heads
+        direction = torch.tensor([math.cos(theta), math.sin(theta)])
+        direction = direction / direction.abs().max()
+        for p in range(attn.n_points):
+            for lvl in range(attn.n_levels):
+                torch.testing.assert_close(bias[h, lvl, p], direction * (p + 1))
+    # head 0 points right, head 2 of 8 points down, both on the unit square
+    torch.testing.assert_close(bias[0, 0, 0], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(bias[2, 0, 1], torch.tensor([0.0, 2.0]), atol=1e-6, rtol=0)
+    assert torch.count_nonzero(attn.sampling_offsets.weight) == 0
+    assert torch.count_nonzero(attn.attention_weights.weight) == 0
+    assert torch.count_nonzero(attn.attention_weights.bias) == 0
+
+    prior = -math.log((1 - 0.01) / 0.01)
+    for head in model.class_embed:
+        torch.testing.assert_close(head.bias.detach(), torch.full_like(head.bias, prior))
+    for i, head in enumerate(model.bbox_embed):
+        last = head.layers[-1]
+        assert torch.count_nonzero(last.weight) == 0
+        expected = torch.tensor([0.0, 0.0, -2.0, -2.0]) if i == 0 else torch.zeros(4)
+        torch.testing.assert_close(last.bias.detach(), expected)
+    # refinement heads are independent copies, not aliases
+    assert model.bbox_embed[0] is not model.bbox_embed[1]
+    assert model.transformer.decoder.bbox_embed is model.bbox_embed
+
+    level_embed = model.transformer.level_embed.detach()
+    assert level_embed.shape == (4, 256)
+    assert 0.8 < level_embed.std().item() < 1.2  # standard normal, not Xavier
+    for proj in model.input_proj:
+        assert torch.count_nonzero(proj[0].bias) == 0
+    ref = model.transformer.reference_points
+    assert torch.count_nonzero(ref.bias) == 0
+
+
+def test_initialisation_shared_heads_and_two_stage():
+    model, _, _ = build([])
+    assert all(head is model.class_embed[0] for head in model.class_embed)
+    torch.testing.assert_close(model.bbox_embed[0].layers[-1].bias.detach(), torch.tensor([0.0, 0.0, -2.0, -2.0]))
+    assert model.transformer.decoder.bbox_embed is None
+
+    model, _, _ = build(["--with_box_refine", "--two_stage"])
+    assert len(model.class_embed) == 7 and model.transformer.decoder.class_embed is model.class_embed
+    for head in model.bbox_embed:
+        assert torch.count_nonzero(head.layers[-1].bias) == 0
+
+
+def test_two_stage_without_refinement_is_rejected():
+    with pytest.raises(ValueError, match="--with_box_refine"):
+        build(["--two_stage"])
+
+
+@pytest.mark.parametrize("flags", [[], ["--num_feature_levels", "1"], ["--with_box_refine"],
+                                   ["--with_box_refine", "--two_stage"]])
+def test_output_shapes(flags):
+    model, _, _ = build(SMALL + flags)
+    model.eval()
+    with torch.no_grad():
+        out = model([torch.randn(3, 64, 96), torch.randn(3, 80, 72)])
+    assert out["pred_logits"].shape == (2, 20, 7)
+    assert out["pred_boxes"].shape == (2, 20, 4)
+    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+    assert len(out["aux_outputs"]) == 2
+    for aux in out["aux_outputs"]:
+        assert aux["pred_logits"].shape == (2, 20, 7) and aux["pred_boxes"].shape == (2, 20, 4)
+    if "--two_stage" in flags:
+        # one proposal per encoder token over every level; 80x96 padded image
+        levels = [(10, 12), (5, 6), (3, 3)] + [(2, 2)]
+        tokens = sum(h * w for h, w in levels)
+        assert out["enc_outputs"]["pred_logits"].shape == (2, tokens, 7)
+        assert out["enc_outputs"]["pred_boxes"].shape == (2, tokens, 4)
+    else:
+        assert "enc_outputs" not in out
+
+
+@pytest.mark.parametrize("flags", [[], ["--with_box_refine", "--two_stage"]])
+def test_batch_matches_single_images(flags):
+    """Same-size images in a batch get the outputs each gets alone."""
+    model, _, _ = build(SMALL + flags)
+    model.eval()
+    images = [torch.randn(3, 64, 80) for _ in range(3)]
+    with torch.no_grad():
+        batched = model(images)
+        for i, img in enumerate(images):
+            alone = model([img])
+            torch.testing.assert_close(batched["pred_logits"][i], alone["pred_logits"][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(batched["pred_boxes"][i], alone["pred_boxes"][0], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_detections():
+    """An image padded with extra width (mask marks it) keeps its normalised boxes' positions
+    only through the valid ratios: its valid-area-relative reference points are unchanged."""
+    img = torch.randn(3, 64, 64)
+    padded = nested_tensor_from_tensor_list([img, torch.randn(3, 64, 128)])
+    assert padded.mask[0, :, :64].logical_not().all() and padded.mask[0, :, 64:].all()
+    ratios = DeformableTransformer.get_valid_ratio(padded.mask)
+    torch.testing.assert_close(ratios, torch.tensor([[0.5, 1.0], [1.0, 1.0]]))
+
+
+def test_masks_and_valid_ratios_per_level():
+    model, _, _ = build(SMALL)
+    sizes = [(64, 96), (40, 50), (33, 17)]
+    samples = nested_tensor_from_tensor_list([torch.randn(3, h, w) for h, w in sizes])
+    captured = {}
+
+    def grab(module, inputs, output):
+        captured["masks"] = inputs[1]
+
+    handle = model.transformer.register_forward_hook(grab)
+    model.eval()
+    with torch.no_grad():
+        model(samples)
+    handle.remove()
+    masks = captured["masks"]
+    assert len(masks) == 4
+    for mask in masks:
+        h_l, w_l = mask.shape[-2:]
+        ratios = DeformableTransformer.get_valid_ratio(mask)
+        for i, (h, w) in enumerate(sizes):
+            # nearest-neighbour downsampling of the image mask: valid rows are those whose
+            # source pixel floor(r * H / h_l) lies inside the image
+            valid_h = sum(1 for r in range(h_l) if math.floor(r * 64 / h_l) < h)
+            valid_w = sum(1 for c in range(w_l) if math.floor(c * 96 / w_l) < w)
+            assert (~mask[i]).sum().item() == valid_h * valid_w
+            assert not mask[i, :valid_h, :valid_w].any()
+            torch.testing.assert_close(ratios[i], torch.tensor([valid_w / w_l, valid_h / h_l]))
+
+
+def test_encoder_reference_points_are_pixel_centres():
+    valid = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.5, 0.75], [0.5, 0.75]]])
+    ref = DeformableTransformerEncoder.get_reference_points([(4, 4), (2, 2)], valid, torch.device("cpu"))
+    assert ref.shape == (2, 20, 2, 2)
+    # first token of level 0: centre of pixel (0, 0) of a 4x4 map
+    torch.testing.assert_close(ref[0, 0, 0], torch.tensor([0.125, 0.125]))
+    # second image: level 0 valid area is 2 wide, 3 high -> centre (0.5/2, 0.5/3) of the valid
+    # area, rescaled to the padded map by the ratios
+    torch.testing.assert_close(ref[1, 0, 0], torch.tensor([0.25 * 0.5, 0.5 / 3 * 0.75]))
+    # a level-1 token is mapped onto level 0 through the same normalised position
+    torch.testing.assert_close(ref[0, 16, 0], torch.tensor([0.25, 0.25]))
+
+
+def test_gradients_reach_trainable_and_skip_frozen():
+    model, criterion, _ = build(SMALL + ["--with_box_refine", "--two_stage"])
+    # At initialisation some projections are zero (sampling offsets, attention weights, the
+    # box heads' last layers), which blocks gradients to what feeds them: perturb them.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.01)
+    model.train()
+    out = model([torch.randn(3, 64, 64), torch.randn(3, 48, 80)])
+    targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]])},
+               {"labels": torch.tensor([6]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.5]])}]
+    losses = criterion(out, targets)
+    total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    total.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+        else:
+            assert p.grad is None, name
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("backbone.0.body.") for n in frozen)
+    assert all(("layer1" in n) or n.startswith("backbone.0.body.conv1") for n in frozen)
+
+
+def test_lr_backbone_zero_freezes_whole_backbone():
+    model, _, _ = build(SMALL + ["--lr_backbone", "0"])
+    assert not any(p.requires_grad for n, p in model.named_parameters() if n.startswith("backbone.0"))
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("backbone.0"))
+
+
+@pytest.mark.parametrize("name,channels", [("resnet18", [128, 256, 512]), ("resnet34", [128, 256, 512]),
+                                           ("resnet50", [512, 1024, 2048]), ("resnet101", [512, 1024, 2048])])
+def test_backbone_channels_and_strides(name, channels):
+    backbone = Backbone(name, train_backbone=True, return_interm_layers=True, dilation=False)
+    assert backbone.num_channels == channels and backbone.strides == [8, 16, 32]
+    out = backbone(nested_tensor_from_tensor_list([torch.randn(3, 64, 96)]))
+    for (key, feat), c, s in zip(sorted(out.items()), channels, [8, 16, 32]):
+        assert feat.tensors.shape == (1, c, 64 // s, 96 // s)
+        assert feat.mask.shape == (1, 64 // s, 96 // s)
+    if name in ("resnet18", "resnet34"):
+        with pytest.raises(ValueError, match="--dilation"):
+            Backbone(name, train_backbone=True, return_interm_layers=False, dilation=True)
+        return
+    dc5 = Backbone(name, train_backbone=True, return_interm_layers=False, dilation=True)
+    assert dc5.strides == [16] and dc5.num_channels == channels[-1:]
+    feat = dc5(nested_tensor_from_tensor_list([torch.randn(3, 64, 96)]))["0"]
+    assert feat.tensors.shape == (1, channels[-1], 4, 6)
+
+
+def test_backbone_rejects_unknown_name():
+    with pytest.raises(ValueError, match="resnet152"):
+        Backbone("resnet152", True, False, False)
+
+
+def test_backbone_weights_from_file(tmp_path):
+    import torchvision
+    torch.manual_seed(3)
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = Backbone("resnet18", True, True, False, weights=str(path))
+    loaded = backbone.body.state_dict()
+    for key, value in loaded.items():
+        torch.testing.assert_close(value, reference.state_dict()[key], msg=key)
+
+
+def test_backbone_weights_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        Backbone("resnet18", True, False, False, weights=str(tmp_path / "missing.pth"))
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(ValueError, match="wrong.pth"):
+        Backbone("resnet18", True, False, False, weights=str(wrong))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError) as err:
+        Backbone("resnet50", True, False, False, weights="imagenet")
+    message = str(err.value)
+    assert "--backbone_weights none" in message and "--backbone_weights /path/to/resnet50.pth" in message
