@@ -119,7 +119,10 @@ class DeformableTransformerDecoderLayer(nn.Module):
         """``tgt``, ``query_pos``: ``(B, Q, d_model)``; ``reference_points``: ``(B, Q, levels, 2|4)``;
         ``src``: ``(B, S, d_model)``."""
         q = k = tgt + query_pos
-        tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
+        # need_weights stays True: PyTorch then takes its explicit softmax(QK^T)V path, the
+        # original's, which keeps float32 results bit-identical to it; need_weights=False
+        # would switch to scaled_dot_product_attention, which rounds differently.
+        tgt2 = self.self_attn(q, k, tgt)[0]
         tgt = self.norm2(tgt + self.dropout2(tgt2))
 
         tgt2 = self.cross_attn(tgt + query_pos, reference_points, src, src_spatial_shapes, level_start_index,
@@ -351,6 +354,11 @@ class DeformableTransformer(nn.Module):
         batch, _, channels = memory.shape
         enc_outputs_class = enc_outputs_coord_unact = None
         if self.two_stage:
+            num_tokens = sum(h * w for h, w in spatial_shapes_list)
+            if self.two_stage_num_proposals > num_tokens:
+                raise ValueError(f"two-stage keeps {self.two_stage_num_proposals} proposals (--num_queries) but "
+                                 f"the encoder has only {num_tokens} tokens for feature maps "
+                                 f"{spatial_shapes_list}: use larger images or fewer queries")
             output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten,
                                                                                 spatial_shapes_list)
             # The proposal heads are the detector's extra (last) class and box heads.
