@@ -1,0 +1,27 @@
+"""Datasets, transforms, samplers and COCO evaluation."""
+from argparse import Namespace
+
+import torch.utils.data
+from pycocotools.coco import COCO
+
+from .coco import CocoDetection
+from .coco import build as build_coco
+
+__all__ = ["build_dataset", "get_coco_api_from_dataset"]
+
+
+def build_dataset(image_set: str, args: Namespace) -> CocoDetection:
+    """The ``"train"`` or ``"val"`` split under ``args.coco_path``.
+
+    With ``args.cache_mode`` the encoded images are kept in memory (see :class:`CocoDetection`).
+    """
+    return build_coco(image_set, args.coco_path, cache_mode=args.cache_mode)
+
+
+def get_coco_api_from_dataset(dataset: torch.utils.data.Dataset) -> COCO:
+    """The pycocotools ``COCO`` ground truth of a :class:`CocoDetection`, also inside (nested) ``Subset``s."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    if not isinstance(dataset, CocoDetection):
+        raise TypeError(f"expected a CocoDetection or a Subset of one, got {type(dataset).__name__}")
+    return dataset.coco

@@ -1,0 +1,147 @@
+"""COCO 2017 detection dataset returning ``(image, target)`` pairs ready for the detector."""
+import io
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import PIL.Image
+import torch
+from pycocotools.coco import COCO
+from torch import Tensor
+
+from .samplers import get_local_rank, get_local_size
+from .transforms import make_coco_transforms
+
+Target = Dict[str, Tensor]
+PathLike = Union[str, Path]
+
+_REQUIRED_ANNOTATION_KEYS = ("bbox", "category_id", "area")
+
+
+def prepare_target(image_size: Tuple[int, int], image_id: int,
+                   annotations: Sequence[Dict[str, Any]]) -> Target:
+    """Turn the COCO annotations of one image into a target dict, as the original does.
+
+    Crowd annotations (``iscrowd == 1``) are dropped; ``bbox`` ``(x, y, w, h)`` becomes
+    ``(x0, y0, x1, y1)`` clipped to the image; boxes with ``x1 <= x0`` or ``y1 <= y0`` are removed.
+
+    Args:
+        image_size: ``(w, h)`` of the image in pixels (``PIL.Image.size``).
+        image_id: the COCO image id.
+        annotations: the image's COCO annotation dicts.
+
+    Returns:
+        ``boxes`` ``(N, 4)`` float32 absolute xyxy; ``labels`` ``(N,)`` int64 category ids;
+        ``image_id`` ``(1,)`` int64; ``area`` ``(N,)`` float32, the annotation's own ``area``;
+        ``iscrowd`` ``(N,)`` int64; ``orig_size`` and ``size`` ``(2,)`` int64 ``(h, w)``.
+    """
+    w, h = image_size
+    for ann in annotations:
+        for key in _REQUIRED_ANNOTATION_KEYS:
+            if key not in ann:
+                raise KeyError(f"annotation {ann.get('id', '?')} of image {image_id} has no '{key}'")
+    annotations = [ann for ann in annotations if ann.get("iscrowd", 0) == 0]
+
+    boxes = torch.tensor([ann["bbox"] for ann in annotations], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes[:, 0::2].clamp_(min=0, max=w)
+    boxes[:, 1::2].clamp_(min=0, max=h)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+    labels = torch.tensor([ann["category_id"] for ann in annotations], dtype=torch.int64)
+    area = torch.tensor([ann["area"] for ann in annotations], dtype=torch.float32)
+    iscrowd = torch.tensor([ann.get("iscrowd", 0) for ann in annotations], dtype=torch.int64)
+    return {
+        "boxes": boxes[keep],
+        "labels": labels[keep],
+        "image_id": torch.tensor([image_id], dtype=torch.int64),
+        "area": area[keep],
+        "iscrowd": iscrowd[keep],
+        "orig_size": torch.tensor([h, w], dtype=torch.int64),
+        "size": torch.tensor([h, w], dtype=torch.int64),
+    }
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """COCO detection images and their targets (see :func:`prepare_target`), then ``transforms``.
+
+    With :func:`~datasets.transforms.make_coco_transforms` an item is a ``(3, H, W)`` float32
+    normalised image and a target whose ``boxes`` are relative ``(cx, cy, w, h)`` of that image and
+    whose ``size`` is ``(H, W)``.
+
+    Args:
+        img_folder: directory holding the images named by ``file_name`` in ``ann_file``.
+        ann_file: COCO ``instances_*.json``.
+        transforms: ``(PIL image, target) -> (image, target)``, or None for the raw pair.
+        cache_mode: keep encoded image bytes in memory. Only dataset indices ``i`` with
+            ``i % local_size == local_rank`` are read up front (pair with
+            :class:`~datasets.samplers.NodeDistributedSampler`); any other image read is cached on
+            first use.
+        local_rank, local_size: this process's rank within its node and the processes per node.
+    """
+
+    def __init__(self, img_folder: PathLike, ann_file: PathLike,
+                 transforms: Optional[Callable[[PIL.Image.Image, Target], Tuple[Any, Target]]] = None,
+                 cache_mode: bool = False, local_rank: int = 0, local_size: int = 1):
+        self.img_folder = Path(img_folder)
+        ann_file = Path(ann_file)
+        if not ann_file.is_file():
+            raise FileNotFoundError(f"COCO annotation file {ann_file} does not exist")
+        if not self.img_folder.is_dir():
+            raise FileNotFoundError(f"COCO image folder {self.img_folder} does not exist")
+        if not 0 <= local_rank < local_size:
+            raise ValueError(f"local_rank {local_rank} is outside [0, local_size={local_size})")
+        self.coco = COCO(str(ann_file))
+        self.ids: List[int] = sorted(self.coco.imgs.keys())
+        self.transforms = transforms
+        self.cache_mode = cache_mode
+        self.local_rank = local_rank
+        self.local_size = local_size
+        self.cache: Dict[str, bytes] = {}
+        if cache_mode:
+            for index in range(local_rank, len(self.ids), local_size):
+                file_name = self._file_name(index)
+                self.cache[file_name] = self._read_bytes(file_name)
+
+    def _file_name(self, index: int) -> str:
+        return self.coco.imgs[self.ids[index]]["file_name"]
+
+    def _read_bytes(self, file_name: str) -> bytes:
+        return (self.img_folder / file_name).read_bytes()
+
+    def _load_image(self, file_name: str) -> PIL.Image.Image:
+        if self.cache_mode:
+            if file_name not in self.cache:
+                self.cache[file_name] = self._read_bytes(file_name)
+            return PIL.Image.open(io.BytesIO(self.cache[file_name])).convert("RGB")
+        return PIL.Image.open(self.img_folder / file_name).convert("RGB")
+
+    def __getitem__(self, index: int) -> Tuple[Any, Target]:
+        image_id = self.ids[index]
+        annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
+        image = self._load_image(self._file_name(index))
+        target = prepare_target(image.size, image_id, annotations)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def build(image_set: str, coco_path: PathLike, cache_mode: bool = False) -> CocoDetection:
+    """The ``"train"`` or ``"val"`` split of COCO 2017 under ``coco_path`` with the original's transforms.
+
+    Expects ``{train,val}2017/`` and ``annotations/instances_{train,val}2017.json`` under
+    ``coco_path``. In cache mode the node-local rank and size come from ``LOCAL_RANK`` and
+    ``LOCAL_WORLD_SIZE`` when distributed.
+    """
+    if image_set not in ("train", "val"):
+        raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
+    root = Path(coco_path)
+    if not root.exists():
+        raise FileNotFoundError(f"COCO path {root} does not exist")
+    # Only cache mode needs the node layout (LOCAL_WORLD_SIZE may be unset otherwise).
+    local_rank, local_size = (get_local_rank(), get_local_size()) if cache_mode else (0, 1)
+    return CocoDetection(root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json",
+                         transforms=make_coco_transforms(image_set), cache_mode=cache_mode,
+                         local_rank=local_rank, local_size=local_size)

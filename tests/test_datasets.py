@@ -1,0 +1,489 @@
+"""Tests of datasets/ (COCO dataset, transforms, sampler, evaluator) and tools/make_tiny_coco.py.
+
+Expected values are computed independently of the code under test: sizes by hand from the
+original's formula, boxes from the annotation json, pixels with PIL/numpy directly, metrics with
+pycocotools' COCOeval called directly.
+"""
+import argparse
+import contextlib
+import io
+import json
+import random
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+import datasets.coco_eval
+import datasets.transforms as T
+from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.coco import CocoDetection, prepare_target
+from datasets.coco_eval import CocoEvaluator
+from datasets.samplers import NodeDistributedSampler
+from tools.make_tiny_coco import CATEGORIES, make_tiny_coco
+from util.box_ops import box_cxcywh_to_xyxy
+from util.misc import NestedTensor, collate_fn
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+COLORS = {c["id"]: np.array(c["color"]) for c in CATEGORIES}
+SHAPES = {c["id"]: c["shape"] for c in CATEGORIES}
+TARGET_KEYS = {"boxes", "labels", "image_id", "area", "iscrowd", "orig_size", "size"}
+NUM_TRAIN, NUM_VAL = 6, 4
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory):
+    return make_tiny_coco(tmp_path_factory.mktemp("tiny_coco"), num_train=NUM_TRAIN, num_val=NUM_VAL, seed=0)
+
+
+@pytest.fixture(scope="module")
+def val_set(coco_root):
+    return build_dataset("val", argparse.Namespace(coco_path=str(coco_root), cache_mode=False))
+
+
+@pytest.fixture(scope="module")
+def train_set(coco_root):
+    return build_dataset("train", argparse.Namespace(coco_path=str(coco_root), cache_mode=False))
+
+
+def load_json(coco_root, split):
+    with open(coco_root / "annotations" / f"instances_{split}2017.json") as f:
+        return json.load(f)
+
+
+def quiet_coco(path) -> COCO:
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path))
+
+
+def is_color(pixel, category_id) -> bool:
+    return np.abs(pixel.astype(int) - COLORS[category_id]).sum() < 60
+
+
+def is_not_color(pixel, category_id) -> bool:
+    return np.abs(pixel.astype(int) - COLORS[category_id]).sum() > 100
+
+
+def denormalize(image: torch.Tensor) -> np.ndarray:
+    """``(3, H, W)`` normalised tensor to ``(H, W, 3)`` 0..255 floats."""
+    image = image * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+    return (image * 255).permute(1, 2, 0).numpy()
+
+
+def target_to_pixels(target):
+    """Relative cxcywh boxes to absolute xyxy in the original image."""
+    h, w = target["orig_size"].tolist()
+    return box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([w, h, w, h], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- eval transform sizes
+
+# (w, h) in -> (h, w) out for short side 800, long side at most 1333, per the original's
+# get_size_with_aspect_ratio:
+#   640x427: long/short*800 = 1199.06 <= 1333, no clamp; h = 800, w = int(800*640/427) = int(1199.06) = 1199
+#   500x375: 1066.67 <= 1333; h = 800, w = int(800*500/375) = int(1066.67) = 1066 (truncated, not 1067)
+#   427x640: portrait of the first case: w = 800, h = 1199
+#   375x500: portrait of the second: w = 800, h = int(800*500/375) = 1066
+#   1000x400: 2.5*800 = 2000 > 1333 -> short = int(round(1333*400/1000)) = round(533.2) = 533,
+#             w = int(533*1000/400) = int(1332.5) = 1332
+#   2666x1001: 2130.7 > 1333 -> short = round(1333*1001/2666) = round(500.5) = 500 (half to even;
+#             half-up would give 501), w = int(500*2666/1001) = int(1331.67) = 1331
+#   1200x800: short side already 800 -> unchanged
+#   64x48: 1066.67 <= 1333; h = 800, w = int(800*64/48) = 1066
+EVAL_SIZES = [((640, 427), (800, 1199)), ((500, 375), (800, 1066)),
+              ((427, 640), (1199, 800)), ((375, 500), (1066, 800)),
+              ((1000, 400), (533, 1332)), ((2666, 1001), (500, 1331)), ((1200, 800), (800, 1200)),
+              ((64, 48), (800, 1066))]
+
+
+@pytest.mark.parametrize("wh, expected_hw", EVAL_SIZES)
+def test_eval_transform_size(wh, expected_hw):
+    assert T.get_size_with_aspect_ratio(wh, 800, 1333) == expected_hw
+    image = PIL.Image.new("RGB", wh, (10, 20, 30))
+    target = {"boxes": torch.tensor([[0.0, 0.0, wh[0], wh[1]]]), "area": torch.tensor([float(wh[0] * wh[1])]),
+              "size": torch.tensor([wh[1], wh[0]])}
+    out, out_target = T.make_coco_transforms("val")(image, target)
+    assert tuple(out.shape) == (3, *expected_hw)
+    assert out_target["size"].tolist() == list(expected_hw)
+    # The whole-image box stays the whole image.
+    torch.testing.assert_close(out_target["boxes"], torch.tensor([[0.5, 0.5, 1.0, 1.0]]))
+    torch.testing.assert_close(out_target["area"], torch.tensor([float(expected_hw[0] * expected_hw[1])]))
+
+
+def test_val_transform_pixels_match_pil_and_numpy():
+    rng = np.random.default_rng(1)
+    image = PIL.Image.fromarray(rng.integers(0, 256, size=(48, 64, 3), dtype=np.uint8))
+    out, _ = T.make_coco_transforms("val")(image, {"boxes": torch.zeros(0, 4)})
+    resized = np.asarray(image.resize((1066, 800), PIL.Image.BILINEAR))
+    expected = torch.from_numpy(resized.copy()).permute(2, 0, 1).float() / 255
+    expected = (expected - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    assert out.dtype == torch.float32
+    assert torch.equal(out, expected)
+
+
+def test_make_coco_transforms_rejects_unknown_split():
+    with pytest.raises(ValueError, match="test"):
+        T.make_coco_transforms("test")
+
+
+# ---------------------------------------------------------------- target preparation
+
+def test_prepare_target_crowd_degenerate_and_clipping():
+    annotations = [
+        {"id": 1, "bbox": [10, 20, 30, 40], "category_id": 3, "area": 1000.5, "iscrowd": 0},
+        {"id": 2, "bbox": [0, 0, 50, 50], "category_id": 1, "area": 2500, "iscrowd": 1},   # crowd
+        {"id": 3, "bbox": [90, 70, 30, 30], "category_id": 7, "area": 900, "iscrowd": 0},  # past bottom-right
+        {"id": 4, "bbox": [-5, -6, 10, 10], "category_id": 1, "area": 100, "iscrowd": 0},  # past top-left
+        {"id": 5, "bbox": [50, 10, 0, 20], "category_id": 3, "area": 0, "iscrowd": 0},     # zero width
+        {"id": 6, "bbox": [120, 10, 10, 10], "category_id": 7, "area": 100, "iscrowd": 0}, # right of image
+        {"id": 7, "bbox": [5, 5, 10, 0.5], "category_id": 90, "area": 5},                  # no iscrowd key
+    ]
+    target = prepare_target((100, 80), 42, annotations)
+    assert set(target) == TARGET_KEYS
+    assert torch.equal(target["boxes"], torch.tensor(
+        [[10, 20, 40, 60], [90, 70, 100, 80], [0, 0, 5, 4], [5, 5, 15, 5.5]], dtype=torch.float32))
+    assert torch.equal(target["labels"], torch.tensor([3, 7, 1, 90]))
+    assert torch.equal(target["area"], torch.tensor([1000.5, 900, 100, 5], dtype=torch.float32))
+    assert torch.equal(target["iscrowd"], torch.zeros(4, dtype=torch.int64))
+    assert torch.equal(target["image_id"], torch.tensor([42]))
+    assert torch.equal(target["orig_size"], torch.tensor([80, 100]))
+    assert torch.equal(target["size"], torch.tensor([80, 100]))
+    for key, dtype in [("boxes", torch.float32), ("labels", torch.int64), ("image_id", torch.int64),
+                       ("area", torch.float32), ("iscrowd", torch.int64), ("orig_size", torch.int64)]:
+        assert target[key].dtype == dtype, key
+
+
+def test_prepare_target_empty_and_missing_key():
+    target = prepare_target((30, 20), 1, [])
+    assert target["boxes"].shape == (0, 4) and target["boxes"].dtype == torch.float32
+    assert target["labels"].shape == (0,) and target["labels"].dtype == torch.int64
+    assert target["iscrowd"].dtype == torch.int64 and target["area"].dtype == torch.float32
+    with pytest.raises(KeyError, match="'bbox'"):
+        prepare_target((30, 20), 1, [{"id": 9, "category_id": 1, "area": 1.0}])
+
+
+# ---------------------------------------------------------------- train transforms
+
+def coordinate_image(w, h):
+    """Red channel = x, green channel = y, so a crop reveals its offset in its first pixel."""
+    ys, xs = np.mgrid[0:h, 0:w]
+    return PIL.Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], axis=-1).astype(np.uint8))
+
+
+def boxes_target(boxes):
+    boxes = torch.tensor(boxes, dtype=torch.float32)
+    n = len(boxes)
+    return {"boxes": boxes, "labels": torch.arange(1, n + 1), "area": torch.full((n,), 7.0),
+            "iscrowd": torch.zeros(n, dtype=torch.int64), "size": torch.tensor([0, 0])}
+
+
+def test_horizontal_flip_mirrors_image_and_box_centres():
+    image = coordinate_image(40, 30)
+    target = boxes_target([[2, 3, 12, 20], [30, 0, 40, 30]])
+    plain = T.Compose([T.ToTensor(), T.Normalize(MEAN, STD)])
+    flipped = T.Compose([T.RandomHorizontalFlip(p=1.0), T.ToTensor(), T.Normalize(MEAN, STD)])
+    img0, t0 = plain(image, target)
+    img1, t1 = flipped(image, target)
+    assert torch.equal(img1, img0.flip(-1))
+    torch.testing.assert_close(t1["boxes"][:, 0], 1 - t0["boxes"][:, 0])
+    torch.testing.assert_close(t1["boxes"][:, 1:], t0["boxes"][:, 1:])
+    assert torch.equal(target["boxes"], torch.tensor([[2, 3, 12, 20], [30, 0, 40, 30]], dtype=torch.float32))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_size_crop_keeps_only_boxes_inside(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    original = [[0, 0, 10, 10], [20, 15, 60, 50], [70, 5, 99, 25], [5, 60, 30, 79], [45, 40, 55, 45]]
+    image = coordinate_image(100, 80)
+    cropped, target = T.RandomSizeCrop(20, 60)(image, boxes_target(original))
+    cw, ch = cropped.size
+    left, top = np.asarray(cropped)[0, 0, :2].tolist()  # offsets read back from the pixels
+    assert 20 <= cw <= 60 and 20 <= ch <= 60
+    expected, kept = [], []
+    for k, (x0, y0, x1, y1) in enumerate(original):
+        ix0, iy0 = max(x0, left) - left, max(y0, top) - top
+        ix1, iy1 = min(x1, left + cw) - left, min(y1, top + ch) - top
+        if ix1 > ix0 and iy1 > iy0:
+            expected.append([ix0, iy0, ix1, iy1])
+            kept.append(k)
+    assert torch.equal(target["boxes"], torch.tensor(expected, dtype=torch.float32).reshape(-1, 4))
+    assert target["labels"].tolist() == [k + 1 for k in kept]
+    assert len(target["iscrowd"]) == len(kept)
+    expected_area = [(b[2] - b[0]) * (b[3] - b[1]) for b in expected]
+    assert target["area"].tolist() == pytest.approx(expected_area)
+    assert target["size"].tolist() == [ch, cw]
+
+
+def test_train_transforms_keep_boxes_on_their_shapes(train_set, coco_root):
+    gt = load_json(coco_root, "train")
+    image_info = {im["id"]: im for im in gt["images"]}
+    transforms = T.make_coco_transforms("train")
+    random.seed(0)
+    torch.manual_seed(0)
+    checked = 0
+    for _ in range(3):
+        for index in range(len(train_set)):
+            image_id = train_set.ids[index]
+            image = PIL.Image.open(coco_root / "train2017" / image_info[image_id]["file_name"]).convert("RGB")
+            anns = [a for a in gt["annotations"] if a["image_id"] == image_id]
+            out, target = transforms(image, prepare_target(image.size, image_id, anns))
+            h, w = out.shape[-2:]
+            assert target["size"].tolist() == [h, w]
+            assert max(h, w) <= 1333
+            assert min(h, w) in T.DEFAULT_SCALES or max(h, w) > 1300
+            boxes = target["boxes"]
+            assert ((boxes >= 0) & (boxes <= 1)).all() and (boxes[:, 2:] > 0).all()
+            assert set(target["labels"].tolist()) <= {a["category_id"] for a in anns}
+            pixels = denormalize(out)
+            for (cx, cy, bw, bh), label in zip(boxes.tolist(), target["labels"].tolist()):
+                # A rectangle cut by a crop is still filled; an ellipse's centre may be cut off.
+                if SHAPES[label] == "rectangle" and bw * w >= 8 and bh * h >= 8:
+                    assert is_color(pixels[int(cy * h), int(cx * w)], label)
+                    checked += 1
+    assert checked >= 10
+
+
+# ---------------------------------------------------------------- make_tiny_coco
+
+def test_tiny_coco_loads_and_boxes_lie_on_shapes(coco_root):
+    crowd = 0
+    for split, num_images in (("train", NUM_TRAIN), ("val", NUM_VAL)):
+        coco = quiet_coco(coco_root / "annotations" / f"instances_{split}2017.json")
+        assert len(coco.getImgIds()) == num_images
+        assert sorted(coco.getCatIds()) == [1, 3, 7]
+        for image_id in coco.getImgIds():
+            info = coco.loadImgs(image_id)[0]
+            pixels = np.asarray(PIL.Image.open(coco_root / f"{split}2017" / info["file_name"]).convert("RGB"))
+            assert pixels.shape == (info["height"], info["width"], 3)
+            for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_id)):
+                crowd += ann["iscrowd"]
+                x, y, bw, bh = (int(v) for v in ann["bbox"])
+                label = ann["category_id"]
+                assert x >= 0 and y >= 0 and x + bw <= info["width"] and y + bh <= info["height"]
+                assert is_color(pixels[y + bh // 2, x + bw // 2], label)
+                mid_x, mid_y = x + bw // 2, y + bh // 2
+                # The box is tight: a rectangle fills its border pixels, an ellipse reaches within two
+                # pixels of each edge midpoint (its extreme points are thin); just outside is background.
+                d = 0 if SHAPES[label] == "rectangle" else 2
+                inside = [(x + d, mid_y), (x + bw - 1 - d, mid_y), (mid_x, y + d), (mid_x, y + bh - 1 - d)]
+                for px, py in inside:
+                    assert is_color(pixels[py, px], label), (split, ann["id"], px, py)
+                for px, py in [(x - 1, mid_y), (x + bw, mid_y), (mid_x, y - 1), (mid_x, y + bh)]:
+                    if 0 <= px < info["width"] and 0 <= py < info["height"]:
+                        assert is_not_color(pixels[py, px], label), (split, ann["id"], px, py)
+    assert crowd == 1
+
+
+def test_tiny_coco_is_deterministic(tmp_path, coco_root):
+    again = make_tiny_coco(tmp_path / "again", num_train=NUM_TRAIN, num_val=NUM_VAL, seed=0)
+    other = make_tiny_coco(tmp_path / "other", num_train=NUM_TRAIN, num_val=NUM_VAL, seed=1)
+    for split in ("train", "val"):
+        assert load_json(again, split) == load_json(coco_root, split)
+        assert load_json(other, split) != load_json(coco_root, split)
+        for im in load_json(coco_root, split)["images"]:
+            name = f"{split}2017/{im['file_name']}"
+            assert (again / name).read_bytes() == (coco_root / name).read_bytes()
+
+
+# ---------------------------------------------------------------- dataset
+
+def test_dataset_items(val_set, train_set, coco_root):
+    for dataset, split in ((val_set, "val"), (train_set, "train")):
+        gt = load_json(coco_root, split)
+        images = {im["id"]: im for im in gt["images"]}
+        assert dataset.ids == sorted(images)
+        for index in range(len(dataset)):
+            image, target = dataset[index]
+            assert set(target) == TARGET_KEYS
+            assert image.dtype == torch.float32 and image.dim() == 3 and image.shape[0] == 3
+            assert target["size"].tolist() == list(image.shape[-2:])
+            image_id = dataset.ids[index]
+            assert target["image_id"].tolist() == [image_id]
+            assert target["orig_size"].tolist() == [images[image_id]["height"], images[image_id]["width"]]
+            for key, dtype in [("boxes", torch.float32), ("labels", torch.int64), ("image_id", torch.int64),
+                               ("area", torch.float32), ("iscrowd", torch.int64), ("orig_size", torch.int64),
+                               ("size", torch.int64)]:
+                assert target[key].dtype == dtype, key
+            anns = [a for a in gt["annotations"] if a["image_id"] == image_id and not a["iscrowd"]]
+            assert target["boxes"].shape == (len(anns), 4)
+            if split == "val":
+                # Back in original pixels the boxes are the json boxes (the val transform only resizes).
+                expected = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)])
+                torch.testing.assert_close(target_to_pixels(target), expected.reshape(-1, 4),
+                                           atol=1e-3, rtol=0)
+                assert target["labels"].tolist() == [a["category_id"] for a in anns]
+    # The crowd annotation of the first val image is dropped; the last train image has no objects.
+    first_val = load_json(coco_root, "val")["annotations"]
+    assert len(val_set[0][1]["boxes"]) == sum(a["image_id"] == val_set.ids[0] for a in first_val) - 1
+    assert len(train_set[len(train_set) - 1][1]["boxes"]) == 0
+
+
+def test_cache_mode_caches_local_share_and_matches(coco_root, val_set):
+    folder, ann_file = coco_root / "val2017", coco_root / "annotations" / "instances_val2017.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        cached = CocoDetection(folder, ann_file, T.make_coco_transforms("val"), cache_mode=True,
+                               local_rank=1, local_size=2)
+    names = [cached.coco.imgs[i]["file_name"] for i in cached.ids]
+    assert set(cached.cache) == {names[i] for i in range(1, len(names), 2)}
+    for index in range(len(cached)):
+        image, target = cached[index]
+        ref_image, ref_target = val_set[index]
+        assert torch.equal(image, ref_image)
+        assert all(torch.equal(target[k], ref_target[k]) for k in TARGET_KEYS)
+
+
+def test_get_coco_api_and_missing_path(val_set, tmp_path):
+    nested = Subset(Subset(val_set, [0, 1, 2]), [1])
+    assert get_coco_api_from_dataset(nested) is val_set.coco
+    with pytest.raises(TypeError):
+        get_coco_api_from_dataset([1, 2, 3])
+    missing = tmp_path / "no_coco_here"
+    with pytest.raises(FileNotFoundError, match="no_coco_here"):
+        build_dataset("val", argparse.Namespace(coco_path=str(missing), cache_mode=False))
+
+
+def test_collate_fn_batches_with_padding(val_set):
+    loader = DataLoader(Subset(val_set, [0, 1]), batch_size=2, collate_fn=collate_fn)
+    samples, targets = next(iter(loader))
+    sizes = [val_set[i][0].shape[-2:] for i in (0, 1)]
+    assert isinstance(samples, NestedTensor) and len(targets) == 2
+    max_h, max_w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    assert samples.tensors.shape == (2, 3, max_h, max_w) and samples.mask.shape == (2, max_h, max_w)
+    for k, (h, w) in enumerate(sizes):
+        assert torch.equal(samples.tensors[k, :, :h, :w], val_set[k][0])
+        assert not samples.mask[k, :h, :w].any() and samples.mask[k].sum() == max_h * max_w - h * w
+        assert (samples.tensors[k][:, h:, :] == 0).all() and (samples.tensors[k][:, :, w:] == 0).all()
+        assert torch.equal(targets[k]["boxes"], val_set[k][1]["boxes"])
+
+
+# ---------------------------------------------------------------- sampler
+
+@pytest.mark.parametrize("n, world", [(10, 4), (7, 3), (2, 4)])
+def test_node_sampler_with_one_process_per_node_is_torch_distributed_sampler(n, world):
+    for epoch in (0, 3):
+        for rank in range(world):
+            ours = NodeDistributedSampler(range(n), num_replicas=world, rank=rank, local_rank=0, local_size=1)
+            ref = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True)
+            ours.set_epoch(epoch)
+            ref.set_epoch(epoch)
+            assert list(ours) == list(ref) and len(ours) == len(ref)
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_node_sampler_reads_only_local_share(shuffle):
+    n, world, local = 23, 6, 3  # 2 nodes of 3 processes
+    per_rank = -(-n // world)
+    seen = []
+    for rank in range(world):
+        sampler = NodeDistributedSampler(range(n), num_replicas=world, rank=rank, local_rank=rank % local,
+                                         local_size=local, shuffle=shuffle)
+        sampler.set_epoch(5)
+        indices = list(sampler)
+        assert len(indices) == len(sampler) == per_rank
+        assert all(i % local == rank % local for i in indices)
+        seen += indices
+    assert set(seen) == set(range(n))
+    sampler = NodeDistributedSampler(range(n), num_replicas=world, rank=0, local_rank=0, local_size=local)
+    orders = []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert orders[0] == orders[2] and orders[0] != orders[1]
+    with pytest.raises(ValueError, match="local rank"):
+        NodeDistributedSampler(range(n), num_replicas=world, rank=1, local_rank=0, local_size=local)
+
+
+# ---------------------------------------------------------------- evaluator
+
+def gt_predictions(dataset):
+    """Ground-truth boxes of every dataset item as score-1 predictions in original-image pixels."""
+    predictions = {}
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        predictions[int(target["image_id"])] = {"boxes": target_to_pixels(target),
+                                                "scores": torch.ones(len(target["boxes"])),
+                                                "labels": target["labels"]}
+    return predictions
+
+
+def run_evaluator(evaluator):
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        evaluator.synchronize_between_processes()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return evaluator.coco_eval["bbox"].stats, out.getvalue()
+
+
+def test_evaluator_perfect_predictions(val_set):
+    evaluator = CocoEvaluator(get_coco_api_from_dataset(val_set), ("bbox",))
+    predictions = gt_predictions(val_set)
+    for image_id in predictions:  # one image per batch
+        evaluator.update({image_id: predictions[image_id]})
+    stats, printed = run_evaluator(evaluator)
+    assert stats.shape == (12,)
+    assert stats[0] == stats[1] == stats[2] == 1.0
+    assert stats[8] == 1.0  # AR@100
+    assert printed.count("Average Precision") == 6 and printed.count("Average Recall") == 6
+
+
+def test_evaluator_matches_pycocotools_on_noisy_detections(val_set, monkeypatch):
+    coco_gt = get_coco_api_from_dataset(val_set)
+    rng = np.random.default_rng(0)
+    results = []  # pycocotools result format, the independent reference
+    for ann in coco_gt.loadAnns(coco_gt.getAnnIds()):
+        for _ in range(2):  # a jittered and a worse copy, multiples of 1/8 so xyxy <-> xywh is exact
+            x, y, w, h = (np.array(ann["bbox"]) + rng.integers(-24, 25, size=4) / 8).tolist()
+            results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                            "bbox": [x, y, max(w, 1.0), max(h, 1.0)], "score": rng.integers(1, 1000) / 1000})
+    for image_id in coco_gt.getImgIds():  # false positives, some with the wrong class
+        for _ in range(3):
+            x, y = rng.integers(0, 40, size=2).tolist()
+            results.append({"image_id": image_id, "category_id": int(rng.choice([1, 3, 7])),
+                            "bbox": [float(x), float(y), 20.0, 16.0], "score": rng.integers(1, 1000) / 1000})
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    assert 0.1 < reference.stats[0] < 0.95
+
+    def prediction(image_id):
+        rows = [r for r in results if r["image_id"] == image_id]
+        xywh = torch.tensor([r["bbox"] for r in rows], dtype=torch.float64)
+        return {"boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
+                "scores": torch.tensor([r["score"] for r in rows]).double(),
+                "labels": torch.tensor([r["category_id"] for r in rows])}
+
+    # Two simulated processes; the shared image appears on both (sampler padding) and counts once.
+    image_ids = coco_gt.getImgIds()
+    rank0, rank1 = CocoEvaluator(coco_gt), CocoEvaluator(coco_gt)
+    rank0.update({i: prediction(i) for i in image_ids[:2]})
+    rank0.update({image_ids[2]: prediction(image_ids[2])})
+    rank1.update({i: prediction(i) for i in image_ids[2:]})
+    monkeypatch.setattr(datasets.coco_eval, "all_gather", lambda obj: [rank0.detections, rank1.detections])
+    stats, _ = run_evaluator(rank0)
+    np.testing.assert_array_equal(stats, reference.stats)
+    np.testing.assert_array_equal(rank0.coco_eval["bbox"].eval["precision"], reference.eval["precision"])
+
+
+def test_evaluator_empty_predictions(val_set):
+    coco_gt = get_coco_api_from_dataset(val_set)
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
+             "labels": torch.zeros(0, dtype=torch.int64)}
+    evaluator = CocoEvaluator(coco_gt)
+    evaluator.update({i: empty for i in coco_gt.getImgIds()})
+    stats, _ = run_evaluator(evaluator)
+    assert stats[0] == 0.0 and stats[8] == 0.0
+    stats, _ = run_evaluator(CocoEvaluator(coco_gt))  # nothing evaluated at all
+    assert (stats == -1).all()
+    with pytest.raises(KeyError, match="123456789"):
+        CocoEvaluator(coco_gt).update({123456789: empty})
+    with pytest.raises(RuntimeError, match="synchronize"):
+        CocoEvaluator(coco_gt).accumulate()
