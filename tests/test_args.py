@@ -1,0 +1,55 @@
+"""main.py's parser keeps the original's flags, defaults and types."""
+import pytest
+
+import main
+
+# The original main.py's defaults (fundamentalvision/Deformable-DETR, main.py), flag by flag.
+ORIGINAL_DEFAULTS = {
+    "lr": 2e-4, "lr_backbone_names": ["backbone.0"], "lr_backbone": 2e-5,
+    "lr_linear_proj_names": ["reference_points", "sampling_offsets"], "lr_linear_proj_mult": 0.1,
+    "batch_size": 2, "weight_decay": 1e-4, "epochs": 50, "lr_drop": 40, "clip_max_norm": 0.1, "sgd": False,
+    "with_box_refine": False, "two_stage": False, "backbone": "resnet50", "dilation": False,
+    "position_embedding": "sine", "num_feature_levels": 4, "enc_layers": 6, "dec_layers": 6,
+    "dim_feedforward": 1024, "hidden_dim": 256, "dropout": 0.1, "nheads": 8, "num_queries": 300,
+    "dec_n_points": 4, "enc_n_points": 4, "aux_loss": True, "set_cost_class": 2, "set_cost_bbox": 5,
+    "set_cost_giou": 2, "cls_loss_coef": 2, "bbox_loss_coef": 5, "giou_loss_coef": 2, "focal_alpha": 0.25,
+    "dataset_file": "coco", "coco_path": "./data/coco", "output_dir": "", "device": "cuda", "seed": 42,
+    "resume": "", "start_epoch": 0, "eval": False, "num_workers": 2, "cache_mode": False,
+}
+# Flags the original declares but never reads, or that serve its segmentation code, which
+# this project does not carry (README: "Differences from the original").
+DROPPED = ["--lr_drop_epochs", "--position_embedding_scale", "--remove_difficult", "--masks",
+           "--frozen_weights", "--mask_loss_coef", "--dice_loss_coef", "--coco_panoptic_path"]
+
+
+def parse(flags=()):
+    return main.get_args_parser().parse_args(list(flags))
+
+
+def test_defaults_match_the_original():
+    args = vars(parse())
+    for name, value in ORIGINAL_DEFAULTS.items():
+        assert args[name] == value, name
+    assert args["num_classes"] == 91 and args["backbone_weights"] == "imagenet"
+
+
+def test_types_match_the_original():
+    args = parse(["--lr", "1e-3", "--batch_size", "4", "--lr_backbone_names", "backbone.0", "input_proj",
+                  "--no_aux_loss", "--set_cost_class", "1", "--num_feature_levels", "1"])
+    assert args.lr == pytest.approx(1e-3) and isinstance(args.lr, float)
+    assert args.batch_size == 4 and isinstance(args.batch_size, int)
+    assert args.lr_backbone_names == ["backbone.0", "input_proj"]
+    assert args.aux_loss is False
+    assert isinstance(args.set_cost_class, float)
+    with pytest.raises(SystemExit):
+        parse(["--position_embedding", "v2"])
+
+
+@pytest.mark.parametrize("flag", DROPPED)
+def test_dropped_flags_are_rejected(flag):
+    with pytest.raises(SystemExit):
+        parse([flag, "1"])
+
+
+def test_parser_has_no_help_so_it_can_be_a_parent():
+    assert main.get_args_parser().add_help is False
