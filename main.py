@@ -1,5 +1,28 @@
 """Train and evaluate Deformable DETR: ``python main.py [flags]`` (see README.md)."""
 import argparse
+import datetime
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.samplers import NodeDistributedSampler
+from datasets.transforms import DEFAULT_SCALES
+from engine import NonFiniteLossError, evaluate, train_one_epoch
+from models import build_model
+from util.checkpoint import load_checkpoint, load_for_finetuning, save_on_main
+from util.dist import destroy_distributed, init_distributed, is_main_process
+from util.logger import print_main
+from util.misc import collate_fn
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -76,9 +99,211 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--cache_mode", default=False, action="store_true",
                         help="keep the images in memory, each node holding its own share")
+
+    # Added by this reimplementation (not in the original).
+    parser.add_argument("--finetune", default="", type=str,
+                        help="initialise from this checkpoint's weights only (no optimizer, schedule or "
+                             "epoch); class heads whose shape differs from the model's (another "
+                             "--num_classes) are left out")
+    parser.add_argument("--dist_timeout", default=30.0, type=float,
+                        help="minutes a process waits for the others in a collective before failing")
+    parser.add_argument("--train_scales", default=list(DEFAULT_SCALES), type=int, nargs="+",
+                        help="training short-side sizes, one drawn per image")
+    parser.add_argument("--val_scale", default=800, type=int, help="evaluation short-side size")
+    parser.add_argument("--max_size", default=1333, type=int,
+                        help="longest image side after resizing (train and evaluation)")
     return parser
+
+
+def _matches(name: str, keywords: Sequence[str]) -> bool:
+    return any(k in name for k in keywords)
+
+
+def build_param_groups(model: nn.Module, lr: float, lr_backbone: float, backbone_names: Sequence[str],
+                       linear_proj_names: Sequence[str], lr_linear_proj_mult: float) -> List[Dict[str, Any]]:
+    """The original's three optimizer groups over the trainable parameters, by substring of the name:
+    the rest at ``lr``, backbone names at ``lr_backbone``, and the deformable attention's
+    sampling-offset and reference-point projections at ``lr * lr_linear_proj_mult``."""
+    rest, backbone, linear_proj = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        in_backbone, in_proj = _matches(name, backbone_names), _matches(name, linear_proj_names)
+        if in_backbone and in_proj:
+            raise ValueError(f"parameter {name} matches both --lr_backbone_names {list(backbone_names)} "
+                             f"and --lr_linear_proj_names {list(linear_proj_names)}")
+        (backbone if in_backbone else linear_proj if in_proj else rest).append(param)
+    return [{"params": rest, "lr": lr},
+            {"params": backbone, "lr": lr_backbone},
+            {"params": linear_proj, "lr": lr * lr_linear_proj_mult}]
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def build_data(args: argparse.Namespace) -> Tuple[Any, Any, DataLoader, DataLoader]:
+    """``(dataset_val, sampler_train, loader_train, loader_val)``, with the original's samplers:
+    distributed (node-local shares with ``--cache_mode``) or random/sequential."""
+    dataset_train = build_dataset("train", args)
+    dataset_val = build_dataset("val", args)
+    if args.distributed:
+        if args.cache_mode:
+            sampler_train = NodeDistributedSampler(dataset_train)
+            sampler_val = NodeDistributedSampler(dataset_val, shuffle=False)
+        else:
+            sampler_train = DistributedSampler(dataset_train)
+            sampler_val = DistributedSampler(dataset_val, shuffle=False)
+    else:
+        sampler_train = RandomSampler(dataset_train)
+        sampler_val = SequentialSampler(dataset_val)
+    pin = args.device.startswith("cuda")
+    batch_sampler = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
+    loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler, collate_fn=collate_fn,
+                              num_workers=args.num_workers, pin_memory=pin)
+    loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
+                            collate_fn=collate_fn, num_workers=args.num_workers, pin_memory=pin)
+    return dataset_val, sampler_train, loader_train, loader_val
+
+
+def check_num_classes(coco: COCO, num_classes: int) -> None:
+    """The classifier indexes classes by category id, so it needs more outputs than the largest id."""
+    category_ids = coco.getCatIds()
+    if category_ids and max(category_ids) >= num_classes:
+        raise ValueError(f"--num_classes {num_classes} is too small: the annotations hold category id "
+                         f"{max(category_ids)}; pass --num_classes {max(category_ids) + 1} or more")
+
+
+def _epoch_seed(args: argparse.Namespace, epoch: int) -> int:
+    """Distinct per (process, epoch), so a resumed run draws what an uninterrupted one would."""
+    return args.seed + args.rank + epoch * args.world_size
+
+
+def main(args: argparse.Namespace) -> None:
+    """Train (or with ``--eval`` only evaluate) as configured by ``args``; see README.md."""
+    if args.resume and args.finetune:
+        raise ValueError("--resume and --finetune exclude each other: --resume continues a run, "
+                         "--finetune starts a new one from a checkpoint's weights")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {args.device} but no CUDA device is visible; pass --device cpu")
+    env = init_distributed(torch.device(args.device).type, datetime.timedelta(minutes=args.dist_timeout))
+    args.distributed, args.rank, args.world_size = env.distributed, env.rank, env.world_size
+    args.gpu = env.local_rank
+    try:
+        _train_and_evaluate(args)
+    finally:
+        destroy_distributed()
+
+
+def _train_and_evaluate(args: argparse.Namespace) -> None:
+    print_main(args)
+    device = torch.device(args.device)
+    if device.type == "cuda" and args.distributed:
+        device = torch.device("cuda", args.gpu)
+    seed_everything(args.seed + args.rank)
+
+    model, criterion, postprocessors = build_model(args)
+    model.to(device)
+    criterion.to(device)
+    model_without_ddp = model
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print_main("number of params:", n_parameters)
+
+    dataset_val, sampler_train, loader_train, loader_val = build_data(args)
+    base_ds = get_coco_api_from_dataset(dataset_val)
+    for dataset in (loader_train.dataset, dataset_val):
+        check_num_classes(get_coco_api_from_dataset(dataset), args.num_classes)
+
+    param_groups = build_param_groups(model_without_ddp, args.lr, args.lr_backbone, args.lr_backbone_names,
+                                      args.lr_linear_proj_names, args.lr_linear_proj_mult)
+    if args.sgd:
+        optimizer = torch.optim.SGD(param_groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+
+    if args.finetune:
+        checkpoint = load_checkpoint(args.finetune)
+        dropped = load_for_finetuning(model_without_ddp, checkpoint["model"], args.finetune)
+        print_main(f"fine-tuning from {args.finetune}; class heads left out (shape differs from "
+                   f"--num_classes {args.num_classes}): {dropped if dropped else 'none'}")
+
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        model_without_ddp = model.module
+
+    output_dir = Path(args.output_dir)
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        missing, unexpected = model_without_ddp.load_state_dict(checkpoint["model"], strict=False)
+        if missing:
+            print_main(f"keys missing from {args.resume}: {missing}")
+        if unexpected:
+            print_main(f"unexpected keys in {args.resume}: {unexpected}")
+        if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            args.start_epoch = checkpoint["epoch"] + 1
+            if lr_scheduler.step_size != args.lr_drop:
+                print_main(f"note: continuing the saved schedule of {args.resume} (lr drop every "
+                           f"{lr_scheduler.step_size} epochs), not --lr_drop {args.lr_drop}")
+            print_main(f"resumed from {args.resume} at epoch {args.start_epoch}, learning rates "
+                       f"{[g['lr'] for g in optimizer.param_groups]}")
+        if not args.eval:
+            # The original evaluates the resumed model before continuing, as a check.
+            evaluate(model, criterion, postprocessors, loader_val, base_ds, device)
+
+    if args.eval:
+        _, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device)
+        if args.output_dir:
+            save_on_main(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
+        return
+
+    print_main("Start training")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        seed_everything(_epoch_seed(args, epoch))
+        if args.distributed:
+            sampler_train.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
+                                      args.clip_max_norm)
+        lr_scheduler.step()
+        if args.output_dir:
+            paths = [output_dir / "checkpoint.pth"]
+            # An extra copy before each learning-rate drop and every 5 epochs.
+            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 5 == 0:
+                paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+            checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args}
+            for path in paths:
+                save_on_main(checkpoint, path)
+
+        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device)
+        log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                     **{f"test_{k}": v for k, v in test_stats.items()},
+                     "epoch": epoch, "n_parameters": n_parameters}
+        if args.output_dir and is_main_process():
+            with (output_dir / "log.txt").open("a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            (output_dir / "eval").mkdir(exist_ok=True)
+            names = ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else [])
+            for name in names:
+                save_on_main(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / name)
+
+    total = datetime.timedelta(seconds=int(time.time() - start_time))
+    print_main(f"Training time {total}")
 
 
 if __name__ == "__main__":
     cli = argparse.ArgumentParser("Deformable DETR training and evaluation script", parents=[get_args_parser()])
-    cli.parse_args()
+    cli_args = cli.parse_args()
+    if cli_args.output_dir:
+        Path(cli_args.output_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        main(cli_args)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -8,8 +8,8 @@ import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 
-from .samplers import get_local_rank, get_local_size
-from .transforms import make_coco_transforms
+from util.dist import get_local_rank, get_local_size
+from .transforms import DEFAULT_SCALES, make_coco_transforms
 
 Target = Dict[str, Tensor]
 PathLike = Union[str, Path]
@@ -128,8 +128,10 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.ids)
 
 
-def build(image_set: str, coco_path: PathLike, cache_mode: bool = False) -> CocoDetection:
-    """The ``"train"`` or ``"val"`` split of COCO 2017 under ``coco_path`` with the original's transforms.
+def build(image_set: str, coco_path: PathLike, cache_mode: bool = False,
+          scales: Sequence[int] = DEFAULT_SCALES, val_size: int = 800, max_size: int = 1333) -> CocoDetection:
+    """The ``"train"`` or ``"val"`` split of COCO 2017 under ``coco_path`` with the original's
+    transforms; ``scales``, ``val_size`` and ``max_size`` are their resize sizes (defaults the original's).
 
     Expects ``{train,val}2017/`` and ``annotations/instances_{train,val}2017.json`` under
     ``coco_path``. In cache mode the node-local rank and size come from ``LOCAL_RANK`` and
@@ -143,5 +145,7 @@ def build(image_set: str, coco_path: PathLike, cache_mode: bool = False) -> Coco
     # Only cache mode needs the node layout (LOCAL_WORLD_SIZE may be unset otherwise).
     local_rank, local_size = (get_local_rank(), get_local_size()) if cache_mode else (0, 1)
     return CocoDetection(root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json",
-                         transforms=make_coco_transforms(image_set), cache_mode=cache_mode,
+                         transforms=make_coco_transforms(image_set, scales=scales, max_size=max_size,
+                                                                    val_size=val_size),
+                         cache_mode=cache_mode,
                          local_rank=local_rank, local_size=local_size)

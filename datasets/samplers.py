@@ -6,34 +6,12 @@ processes keeps dataset index ``i`` in memory iff ``i % L == r``.
 cache. Without cache mode use :class:`torch.utils.data.DistributedSampler`.
 """
 import math
-import os
 from typing import Iterator, Optional, Sized
 
 import torch
 from torch.utils.data import Sampler
 
-from util.dist import get_rank, get_world_size, is_dist_avail_and_initialized
-
-
-def _env_int(name: str) -> int:
-    value = os.environ.get(name)
-    if value is None:
-        raise RuntimeError(f"distributed mode is initialised but the environment variable {name} is "
-                           f"not set; launch with torchrun, which sets it")
-    try:
-        return int(value)
-    except ValueError:
-        raise RuntimeError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def get_local_rank() -> int:
-    """Rank of this process within its node (``LOCAL_RANK``); 0 when not distributed."""
-    return _env_int("LOCAL_RANK") if is_dist_avail_and_initialized() else 0
-
-
-def get_local_size() -> int:
-    """Number of processes on this node (``LOCAL_WORLD_SIZE``); 1 when not distributed."""
-    return _env_int("LOCAL_WORLD_SIZE") if is_dist_avail_and_initialized() else 1
+from util.dist import get_local_rank, get_local_size, get_rank, get_world_size
 
 
 class NodeDistributedSampler(Sampler[int]):

@@ -4,7 +4,6 @@ Expected values are computed independently of the code under test: sizes by hand
 original's formula, boxes from the annotation json, pixels with PIL/numpy directly, metrics with
 pycocotools' COCOeval called directly.
 """
-import argparse
 import contextlib
 import io
 import json
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import datasets.coco_eval
 import datasets.transforms as T
+import main
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco import CocoDetection, prepare_target
 from datasets.coco_eval import CocoEvaluator
@@ -36,6 +36,11 @@ TARGET_KEYS = {"boxes", "labels", "image_id", "area", "iscrowd", "orig_size", "s
 NUM_TRAIN, NUM_VAL = 6, 4
 
 
+def data_args(coco_path):
+    """main.py's defaults (original resize sizes) with ``--coco_path``."""
+    return main.get_args_parser().parse_args(["--coco_path", str(coco_path)])
+
+
 @pytest.fixture(scope="module")
 def coco_root(tmp_path_factory):
     return make_tiny_coco(tmp_path_factory.mktemp("tiny_coco"), num_train=NUM_TRAIN, num_val=NUM_VAL, seed=0)
@@ -43,12 +48,12 @@ def coco_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def val_set(coco_root):
-    return build_dataset("val", argparse.Namespace(coco_path=str(coco_root), cache_mode=False))
+    return build_dataset("val", data_args(coco_root))
 
 
 @pytest.fixture(scope="module")
 def train_set(coco_root):
-    return build_dataset("train", argparse.Namespace(coco_path=str(coco_root), cache_mode=False))
+    return build_dataset("train", data_args(coco_root))
 
 
 def load_json(coco_root, split):
@@ -345,7 +350,7 @@ def test_get_coco_api_and_missing_path(val_set, tmp_path):
         get_coco_api_from_dataset([1, 2, 3])
     missing = tmp_path / "no_coco_here"
     with pytest.raises(FileNotFoundError, match="no_coco_here"):
-        build_dataset("val", argparse.Namespace(coco_path=str(missing), cache_mode=False))
+        build_dataset("val", data_args(missing))
 
 
 def test_collate_fn_batches_with_padding(val_set):

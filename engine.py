@@ -1,0 +1,157 @@
+"""One training epoch and one evaluation pass, as ``main.py`` runs them."""
+import contextlib
+import io
+import math
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from datasets.coco_eval import CocoEvaluator
+from util.dist import is_main_process, reduce_dict
+from util.logger import MetricLogger, SmoothedValue, print_main
+from util.misc import NestedTensor
+
+Targets = List[Dict[str, Any]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The weighted loss (averaged over processes) is NaN or infinite; training must stop."""
+
+
+def to_device(samples: NestedTensor, targets: Sequence[Mapping[str, Any]],
+              device: torch.device) -> Tuple[NestedTensor, Targets]:
+    """Move a batch to ``device`` without blocking (the tensors of each target; other values as is)."""
+    samples = samples.to(device, non_blocking=True)
+    moved = [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()}
+             for t in targets]
+    return samples, moved
+
+
+def _loss_scalars(loss_dict: Mapping[str, Tensor], weight_dict: Mapping[str, float],
+                  extra: Sequence[Tensor] = ()) -> Tuple[Dict[str, float], List[float]]:
+    """Average ``loss_dict`` over processes and bring it to the host with a single transfer.
+
+    Returns the logged values -- ``loss`` (weighted sum), each weighted loss under its own name,
+    and every entry of ``loss_dict`` as ``<name>_unscaled`` -- and the ``extra`` scalars.
+    """
+    reduced = reduce_dict({k: v.detach() for k, v in loss_dict.items()})
+    names = sorted(reduced)
+    weighted = [k for k in names if k in weight_dict]
+    unscaled = torch.stack([reduced[k].float().reshape(()) for k in names])
+    scaled = torch.stack([reduced[k].float().reshape(()) * weight_dict[k] for k in weighted])
+    packed = torch.cat([scaled.sum().reshape(1), scaled, unscaled,
+                        torch.stack([e.detach().float().reshape(()) for e in extra])
+                        if extra else unscaled.new_zeros(0)])
+    host = packed.cpu().tolist()
+    values = {"loss": host[0]}
+    values.update(zip(weighted, host[1:1 + len(weighted)]))
+    offset = 1 + len(weighted)
+    values.update((f"{k}_unscaled", v) for k, v in zip(names, host[offset:offset + len(names)]))
+    return values, host[offset + len(names):]
+
+
+def train_step(model: nn.Module, criterion: nn.Module, samples: NestedTensor, targets: Targets,
+               optimizer: torch.optim.Optimizer, max_norm: float) -> Dict[str, float]:
+    """Forward, weighted loss, backward, gradient clipping and optimizer step for one batch.
+
+    Returns the logged values (see :func:`_loss_scalars`) plus ``grad_norm`` (before clipping).
+    Beyond those of the model and criterion, the step synchronises with the host once: one transfer
+    of all logged values, after the backward pass and before the optimizer step. A non-finite loss
+    raises :class:`NonFiniteLossError` there, leaving the weights and optimizer state unchanged.
+    """
+    outputs = model(samples)
+    loss_dict = criterion(outputs, targets)
+    weight_dict = criterion.weight_dict
+    loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+    optimizer.zero_grad()
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    if max_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+
+    values, (grad_norm_value,) = _loss_scalars(loss_dict, weight_dict, extra=[grad_norm])
+    if not math.isfinite(values["loss"]):
+        raise NonFiniteLossError(f"loss is {values['loss']}, stopping training; losses averaged "
+                                 f"over processes: {values}")
+    optimizer.step()
+    values["grad_norm"] = grad_norm_value
+    return values
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable,
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
+                    max_norm: float = 0, print_freq: int = 10) -> Dict[str, float]:
+    """Train for one pass over ``data_loader``; return each logged value's average over the epoch
+    and over all processes.
+
+    ``max_norm > 0`` clips the gradient norm to it; ``grad_norm`` is logged either way (before
+    clipping).
+    """
+    model.train()
+    criterion.train()
+    logger = MetricLogger(delimiter="  ")
+    logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    logger.add_meter("grad_norm", SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    for samples, targets in logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]", device):
+        samples, targets = to_device(samples, targets, device)
+        values = train_step(model, criterion, samples, targets, optimizer, max_norm)
+        logger.update(**values)
+        if "class_error_unscaled" in values:
+            logger.update(class_error=values["class_error_unscaled"])
+        logger.update(lr=optimizer.param_groups[0]["lr"])
+    logger.synchronize_between_processes(device)
+    print_main("Averaged stats:", logger)
+    return logger.global_averages()
+
+
+@contextlib.contextmanager
+def _quiet_unless_main() -> Iterator[None]:
+    """Swallow stdout on processes other than the main one (COCO's summaries print on every rank)."""
+    if is_main_process():
+        yield
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str, nn.Module],
+             data_loader: Iterable, base_ds: Any, device: torch.device, print_freq: int = 10) -> Tuple[Dict[str, Any], CocoEvaluator]:
+    """Losses and COCO box AP of ``model`` over ``data_loader`` (every process's share of it).
+
+    Predictions from all processes are gathered before COCO evaluation, whose 12-line summary is
+    printed by the main process. Returns the averaged losses plus ``coco_eval_bbox`` (the 12 COCO
+    numbers), and the evaluator.
+    """
+    model.eval()
+    criterion.eval()
+    logger = MetricLogger(delimiter="  ")
+    logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    evaluator = CocoEvaluator(base_ds, ("bbox",))
+    for samples, targets in logger.log_every(data_loader, print_freq, "Test:", device):
+        image_ids = [int(t["image_id"]) for t in targets]
+        samples, targets = to_device(samples, targets, device)
+        outputs = model(samples)
+        loss_dict = criterion(outputs, targets)
+        values, _ = _loss_scalars(loss_dict, criterion.weight_dict)
+        logger.update(**values)
+        if "class_error_unscaled" in values:
+            logger.update(class_error=values["class_error_unscaled"])
+        orig_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
+        results = postprocessors["bbox"](outputs, orig_sizes)
+        evaluator.update(dict(zip(image_ids, results)))
+
+    logger.synchronize_between_processes(device)
+    print_main("Averaged stats:", logger)
+    evaluator.synchronize_between_processes()
+    with _quiet_unless_main():
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats: Dict[str, Any] = logger.global_averages()
+    stats["coco_eval_bbox"] = evaluator.coco_eval["bbox"].stats.tolist()
+    return stats, evaluator

@@ -1,0 +1,210 @@
+"""main.py end to end on a tiny COCO: checkpoints and their schedule, log.txt, --resume, --eval,
+--finetune, the non-finite-loss exit, and the optimizer's parameter groups."""
+import argparse
+import ast
+import json
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+from train_helpers import REPO, SMALL_MODEL, parse, subprocess_env, tiny_coco
+
+from main import build_param_groups, check_num_classes
+from models import build_model
+from util.checkpoint import load_checkpoint, load_for_finetuning
+
+EXPECTED_LOG_KEYS = {"train_lr", "train_class_error", "train_grad_norm", "train_loss", "train_loss_ce",
+                     "train_loss_bbox", "train_loss_giou", "train_loss_ce_0", "train_loss_ce_unscaled",
+                     "train_class_error_unscaled", "train_cardinality_error_unscaled",
+                     "test_class_error", "test_loss", "test_loss_ce", "test_loss_giou_unscaled",
+                     "test_coco_eval_bbox", "epoch", "n_parameters"}
+
+
+def run_main(argv: List[str], expect_rc: int = 0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect_rc, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def read_log(output_dir: Path) -> List[dict]:
+    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    return tiny_coco(tmp_path_factory.mktemp("coco"), num_train=4, num_val=3)
+
+
+def train_argv(coco: Path, output_dir: Path, *extra: str) -> List[str]:
+    return [*SMALL_MODEL, "--coco_path", str(coco), "--batch_size", "2", "--output_dir", str(output_dir),
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def three_epochs(coco, tmp_path_factory):
+    """Three epochs with the learning rate dropping every 2 epochs (so after the second)."""
+    out = tmp_path_factory.mktemp("run")
+    proc = run_main(train_argv(coco, out, "--epochs", "3", "--lr_drop", "2"))
+    return out, proc
+
+
+@pytest.mark.slow
+def test_training_writes_checkpoints_on_schedule_and_a_json_log(three_epochs):
+    out, proc = three_epochs
+    # checkpoint.pth every epoch; checkpoint{epoch:04}.pth when (epoch + 1) % lr_drop == 0 or % 5.
+    assert sorted(p.name for p in out.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0001.pth"]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["000.pth", "latest.pth"]
+    log = read_log(out)
+    assert [entry["epoch"] for entry in log] == [0, 1, 2]
+    model, _, _ = build_model(parse(SMALL_MODEL))
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for entry in log:
+        assert EXPECTED_LOG_KEYS <= set(entry), EXPECTED_LOG_KEYS - set(entry)
+        assert len(entry["test_coco_eval_bbox"]) == 12
+        assert entry["n_parameters"] == n_parameters
+    assert [entry["train_lr"] for entry in log] == pytest.approx([2e-4, 2e-4, 2e-5])
+    line = (r"Epoch: \[1\]  \[1/2\]  eta: \d+:\d\d:\d\d  lr: 0\.000200  class_error: \S+  grad_norm: \S+  "
+            r"loss: .*  time: \S+  data: \S+  max mem: \d+")
+    assert re.search(line, proc.stdout), proc.stdout[-2000:]
+    assert proc.stdout.count("IoU metric: bbox") == 3
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in proc.stdout
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_with_weights_only_and_the_namespace_allow_list(three_epochs):
+    out, _ = three_epochs
+    path = out / "checkpoint0001.pth"
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, map_location="cpu", weights_only=True)  # Namespace is not allowed by default
+    checkpoint = load_checkpoint(path)
+    assert set(checkpoint) == {"model", "optimizer", "lr_scheduler", "epoch", "args"}
+    assert checkpoint["epoch"] == 1
+    assert isinstance(checkpoint["args"], argparse.Namespace) and checkpoint["args"].lr_drop == 2
+    assert checkpoint["lr_scheduler"]["last_epoch"] == 2 and checkpoint["lr_scheduler"]["step_size"] == 2
+    model, _, _ = build_model(parse(SMALL_MODEL))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in checkpoint["model"].items()} == shapes
+    groups = build_param_groups(model, 2e-4, 2e-5, ["backbone.0"], ["reference_points", "sampling_offsets"], 0.1)
+    assert [len(g["params"]) for g in checkpoint["optimizer"]["param_groups"]] == [len(g["params"]) for g in groups]
+
+
+@pytest.mark.slow
+def test_resume_continues_the_saved_schedule_like_the_uninterrupted_run(three_epochs, coco, tmp_path):
+    out, _ = three_epochs
+    shutil.copy(out / "checkpoint0001.pth", tmp_path / "epoch1.pth")
+    # A different --lr_drop on the command line does not change the saved schedule.
+    proc = run_main(train_argv(coco, tmp_path, "--epochs", "3", "--lr_drop", "100",
+                               "--resume", str(tmp_path / "epoch1.pth")))
+    assert "at epoch 2" in proc.stdout and "not --lr_drop 100" in proc.stdout
+    assert proc.stdout.count("IoU metric: bbox") == 2  # the resumed model is checked first
+    log = read_log(tmp_path)
+    assert [entry["epoch"] for entry in log] == [2]
+    assert log[0]["train_lr"] == pytest.approx(2e-5)  # dropped after epoch 1, as saved
+    resumed, straight = load_checkpoint(tmp_path / "checkpoint.pth"), load_checkpoint(out / "checkpoint.pth")
+    assert resumed["epoch"] == straight["epoch"] == 2
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=1e-6, msg=key)
+    assert log[0]["train_loss"] == pytest.approx(read_log(out)[2]["train_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_eval_only_reproduces_the_epochs_test_loss(three_epochs, coco, tmp_path):
+    out, _ = three_epochs
+    proc = run_main(train_argv(coco, tmp_path, "--eval", "--resume", str(out / "checkpoint0001.pth")))
+    assert (tmp_path / "eval.pth").is_file()
+    assert not (tmp_path / "log.txt").exists() and not list(tmp_path.glob("checkpoint*.pth"))
+    assert proc.stdout.count("IoU metric: bbox") == 1
+    averaged = re.search(r"Averaged stats: class_error: \S+  loss: \S+ \((\S+)\)", proc.stdout)
+    assert averaged, proc.stdout[-2000:]
+    assert float(averaged.group(1)) == pytest.approx(read_log(out)[1]["test_loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_finetune_with_another_num_classes_leaves_out_and_reports_the_class_heads(three_epochs, coco, tmp_path):
+    out, _ = three_epochs
+    argv = train_argv(coco, tmp_path, "--epochs", "1", "--finetune", str(out / "checkpoint.pth"))
+    argv[argv.index("--num_classes") + 1] = "12"
+    proc = run_main(argv)
+    class_heads = sorted(k for k in load_checkpoint(out / "checkpoint.pth")["model"] if "class_embed" in k)
+    assert class_heads  # e.g. class_embed.0.weight
+    reported = re.search(r"class heads left out .*: (\[.*\])", proc.stdout)
+    assert reported, proc.stdout[-2000:]
+    assert sorted(ast.literal_eval(reported.group(1))) == class_heads
+    assert [entry["epoch"] for entry in read_log(tmp_path)] == [0]
+
+
+@pytest.mark.slow
+def test_non_finite_loss_exits_1_and_keeps_the_checkpoint(three_epochs, coco, tmp_path):
+    out, _ = three_epochs
+    shutil.copy(out / "checkpoint0001.pth", tmp_path / "checkpoint.pth")
+    before = (tmp_path / "checkpoint.pth").read_bytes()
+    proc = run_main(train_argv(coco, tmp_path, "--epochs", "3", "--cls_loss_coef", "nan",
+                               "--resume", str(tmp_path / "checkpoint.pth")), expect_rc=1)
+    assert "loss is nan, stopping training" in proc.stderr
+    assert "loss_ce_unscaled" in proc.stderr  # the losses are printed
+    assert (tmp_path / "checkpoint.pth").read_bytes() == before
+    assert not (tmp_path / "log.txt").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# In-process pieces
+
+def test_param_groups_follow_the_original_names_and_rates():
+    model, _, _ = build_model(parse(SMALL_MODEL + ["--lr_backbone", "2e-5"]))
+    groups = build_param_groups(model, 2e-4, 2e-5, ["backbone.0"], ["reference_points", "sampling_offsets"], 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    rest, backbone, proj = ([names[id(p)] for p in g["params"]] for g in groups)
+    assert [g["lr"] for g in groups] == pytest.approx([2e-4, 2e-5, 2e-5])
+    assert backbone and all(n.startswith("backbone.0.") for n in backbone)
+    assert proj and all("reference_points" in n or "sampling_offsets" in n for n in proj)
+    assert not any("backbone.0" in n or "reference_points" in n or "sampling_offsets" in n for n in rest)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sorted(rest + backbone + proj) == sorted(trainable)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and not set(frozen) & set(backbone)  # layer1 and the stem stay out of every group
+
+
+def test_param_groups_reject_a_name_in_two_groups():
+    model, _, _ = build_model(parse(SMALL_MODEL))
+    with pytest.raises(ValueError, match="matches both"):
+        build_param_groups(model, 1e-4, 1e-5, ["backbone.0"], ["backbone.0.body.layer4"], 0.1)
+
+
+def test_finetune_loading_drops_only_mismatched_class_heads_in_two_stage():
+    variant = ["--with_box_refine", "--two_stage"]
+    torch.manual_seed(0)
+    source, _, _ = build_model(parse(SMALL_MODEL + variant))
+    state = source.state_dict()
+    argv = SMALL_MODEL + variant
+    argv[argv.index("--num_classes") + 1] = "12"
+    target, _, _ = build_model(parse(argv))
+    dropped = load_for_finetuning(target, state, "source")
+    assert any(k.startswith("transformer.decoder.class_embed.") for k in dropped)
+    assert any(k.startswith("class_embed.") for k in dropped)
+    assert sorted(dropped) == sorted(k for k in state if "class_embed" in k)
+    for key, value in target.state_dict().items():
+        if key not in dropped:
+            assert torch.equal(value, state[key]), key
+
+    same, _, _ = build_model(parse(SMALL_MODEL + variant))
+    assert load_for_finetuning(same, state, "source") == []
+
+    single_scale = SMALL_MODEL + variant + ["--num_feature_levels", "1"]
+    with pytest.raises(ValueError, match=r"level_embed.*unexpected keys.*input_proj\.1"):
+        load_for_finetuning(build_model(parse(single_scale))[0], state, "source")
+
+
+def test_too_few_classes_for_the_dataset_is_a_clear_error(coco):
+    ground_truth = COCO(str(coco / "annotations" / "instances_train2017.json"))
+    check_num_classes(ground_truth, 8)
+    with pytest.raises(ValueError, match=r"--num_classes 5 is too small: .* category id 7; pass --num_classes 8"):
+        check_num_classes(ground_truth, 5)

@@ -1,0 +1,147 @@
+"""Console logging for training and evaluation: smoothed meters, periodic progress lines, and
+printing from the main process only (without replacing ``builtins.print``)."""
+import datetime
+import resource
+import sys
+import time
+from collections import deque
+from typing import Any, Dict, Iterable, Iterator, Optional, Sized, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from util.dist import get_world_size, is_dist_avail_and_initialized, is_main_process
+
+T = TypeVar("T")
+
+_MB = 1024.0 * 1024.0
+
+
+def print_main(*values: Any, **kwargs: Any) -> None:
+    """``print`` on the main process; a no-op on the others."""
+    if is_main_process():
+        print(*values, **kwargs)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MB: ``torch.cuda.max_memory_allocated`` on CUDA, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / _MB
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class SmoothedValue:
+    """A series of floats: the last ``window_size`` values for median/avg/max, and the running total
+    for the global average."""
+
+    def __init__(self, window_size: int = 20, fmt: str = "{median:.4f} ({global_avg:.4f})"):
+        self.window: deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.window.append(value)
+        self.count += n
+        self.total += value * n
+
+    @property
+    def median(self) -> float:
+        ordered = sorted(self.window)
+        # The lower median, like torch.median.
+        return ordered[(len(ordered) - 1) // 2]
+
+    @property
+    def avg(self) -> float:
+        return sum(self.window) / len(self.window)
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+    @property
+    def max(self) -> float:
+        return max(self.window)
+
+    @property
+    def value(self) -> float:
+        return self.window[-1]
+
+    def __str__(self) -> str:
+        if not self.window:
+            return "n/a"
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    """Named :class:`SmoothedValue` meters, printed in insertion order and joined by ``delimiter``."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters: Dict[str, SmoothedValue] = {}
+        self.delimiter = delimiter
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def update(self, **values: float) -> None:
+        for name, value in values.items():
+            if not isinstance(value, (float, int)):
+                raise TypeError(f"meter {name!r} takes a Python number, got {type(value).__name__}; "
+                                "move values to the host once per step, not one by one")
+            self.meters.setdefault(name, SmoothedValue()).update(float(value))
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self, device: torch.device) -> None:
+        """Sum every meter's count and total over all processes (one all-reduce; windows stay local).
+
+        ``device`` must be one the process group's backend can reduce on (CUDA for NCCL).
+        """
+        if not is_dist_avail_and_initialized() or get_world_size() < 2:
+            return
+        names = sorted(self.meters)
+        packed = torch.tensor([[self.meters[n].count, self.meters[n].total] for n in names],
+                              dtype=torch.float64, device=device)
+        dist.all_reduce(packed)
+        for name, (count, total) in zip(names, packed.tolist()):
+            self.meters[name].count = int(count)
+            self.meters[name].total = total
+
+    def global_averages(self) -> Dict[str, float]:
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+    def log_every(self, iterable: Iterable[T], print_freq: int, header: str,
+                  device: Optional[torch.device] = None) -> Iterator[T]:
+        """Yield from ``iterable``; every ``print_freq`` items and at the last one, print (main process)
+        ``header  [i/n]  eta: ...  <meters>  time: ...  data: ...  max mem: ...``.
+
+        ``time`` is the mean seconds per item, ``data`` the mean seconds spent waiting for the
+        iterable; ``max mem`` (MB) is :func:`peak_memory_mb` of ``device`` and is left out when
+        ``device`` is None.
+        """
+        if not isinstance(iterable, Sized):
+            raise TypeError("log_every needs an iterable with a length, e.g. a DataLoader")
+        total = len(iterable)
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        width = len(str(total))
+        start = end = time.time()
+        for i, item in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield item
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
+                fields = [header, f"[{i:>{width}}/{total}]", f"eta: {eta}", str(self),
+                          f"time: {iter_time}", f"data: {data_time}"]
+                if device is not None:
+                    fields.append(f"max mem: {peak_memory_mb(device):.0f}")
+                print_main(self.delimiter.join(fields))
+                sys.stdout.flush()
+            end = time.time()
+        elapsed = time.time() - start
+        print_main(f"{header} Total time: {datetime.timedelta(seconds=int(elapsed))} "
+                   f"({elapsed / max(total, 1):.4f} s / it)")
