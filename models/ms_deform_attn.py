@@ -1,5 +1,6 @@
 """Multi-scale deformable attention (the module; its sampling core is ``ops.ms_deform_attn``)."""
 import math
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,35 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
+    def sampling_locations_and_weights(self, query: Tensor, reference_points: Tensor,
+                                       input_spatial_shapes: Tensor) -> Tuple[Tensor, Tensor]:
+        """Where each query samples and with what weight (arguments as in :meth:`forward`).
+
+        Returns:
+            Sampling locations ``(B, Lq, heads, levels, points, 2)``, normalised ``(x, y)`` over
+            each level's padded map, and attention weights ``(B, Lq, heads, levels, points)``,
+            summing to 1 over levels and points.
+        """
+        batch, num_queries, _ = query.shape
+        shape = (batch, num_queries, self.n_heads, self.n_levels, self.n_points)
+        sampling_offsets = self.sampling_offsets(query).view(*shape, 2)
+        attention_weights = self.attention_weights(query).view(batch, num_queries, self.n_heads, -1)
+        attention_weights = F.softmax(attention_weights, -1).view(shape)
+        if reference_points.shape[-1] == 2:
+            # offsets are in pixels of each level: normalise by (W_l, H_l)
+            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            sampling_locations = (reference_points[:, :, None, :, None, :]
+                                  + sampling_offsets / offset_normalizer[None, None, None, :, None, :])
+        elif reference_points.shape[-1] == 4:
+            # offsets are relative to the reference box: a point at offset n_points reaches
+            # half the box's width/height
+            sampling_locations = (reference_points[:, :, None, :, None, :2]
+                                  + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got shape "
+                             f"{tuple(reference_points.shape)}")
+        return sampling_locations, attention_weights
+
     def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor,
                 input_spatial_shapes: Tensor, input_level_start_index: Tensor,
                 input_padding_mask: Tensor | None = None) -> Tensor:
@@ -71,31 +101,13 @@ class MSDeformAttn(nn.Module):
         Returns:
             ``(B, Lq, d_model)``.
         """
-        batch, num_queries, _ = query.shape
-        _, num_values, _ = input_flatten.shape
+        batch, num_values, _ = input_flatten.shape
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(batch, num_values, self.n_heads, self.d_model // self.n_heads)
-        sampling_offsets = self.sampling_offsets(query).view(
-            batch, num_queries, self.n_heads, self.n_levels, self.n_points, 2)
-        attention_weights = self.attention_weights(query).view(
-            batch, num_queries, self.n_heads, self.n_levels * self.n_points)
-        attention_weights = F.softmax(attention_weights, -1).view(
-            batch, num_queries, self.n_heads, self.n_levels, self.n_points)
-        if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: normalise by (W_l, H_l)
-            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            sampling_locations = (reference_points[:, :, None, :, None, :]
-                                  + sampling_offsets / offset_normalizer[None, None, None, :, None, :])
-        elif reference_points.shape[-1] == 4:
-            # offsets are relative to the reference box: a point at offset n_points reaches
-            # half the box's width/height
-            sampling_locations = (reference_points[:, :, None, :, None, :2]
-                                  + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
-        else:
-            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got shape "
-                             f"{tuple(reference_points.shape)}")
+        sampling_locations, attention_weights = self.sampling_locations_and_weights(
+            query, reference_points, input_spatial_shapes)
         output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
                                 sampling_locations, attention_weights)
         return self.output_proj(output)

@@ -1,0 +1,323 @@
+"""Tests of the demo tools: synthetic COCO generator, log plotting, inference and benchmark."""
+import argparse
+import hashlib
+import json
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+import models.ms_deform_attn as ms_deform_attn_module
+from datasets import build_dataset
+from main import get_args_parser
+from models import build_model
+from tools import benchmark as benchmark_tool
+from tools import infer, plot_logs
+from tools.make_synthetic_coco import CATEGORIES, make_synthetic_coco
+
+TINY_MODEL = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--nheads", "2",
+              "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "2", "--num_queries", "10",
+              "--num_classes", "13"]
+VARIANTS = {"plain": [], "box_refine": ["--with_box_refine"],
+            "two_stage": ["--with_box_refine", "--two_stage"]}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_synthetic_coco(tmp_path_factory.mktemp("shapes"), num_train=6, num_val=40, image_size=128, seed=3)
+
+
+def _tree_digest(root: Path) -> Dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----- make_synthetic_coco -----
+
+def test_synthetic_coco_layout(shapes):
+    image_ids, ann_ids = set(), set()
+    for split in ("train", "val"):
+        coco = COCO(str(shapes / "annotations" / f"instances_{split}2017.json"))
+        assert sorted(coco.getCatIds()) == sorted(c["id"] for c in CATEGORIES) == [1, 3, 4, 7, 9, 12]
+        for image in coco.dataset["images"]:
+            with Image.open(shapes / f"{split}2017" / image["file_name"]) as pil:
+                assert pil.format == "JPEG" and pil.size == (image["width"], image["height"]) == (128, 128)
+            assert image["file_name"] == f"{image['id']:012d}.jpg"
+        for ann in coco.dataset["annotations"]:
+            x, y, w, h = ann["bbox"]
+            assert ann["iscrowd"] == 0 and ann["image_id"] in coco.imgs
+            assert 0 <= x and 0 <= y and x + w <= 128 and y + h <= 128 and w >= 1 and h >= 1
+            assert 0 < ann["area"] <= w * h
+        assert not image_ids & set(coco.imgs) and not ann_ids & set(coco.anns)
+        image_ids |= set(coco.imgs)
+        ann_ids |= set(coco.anns)
+
+    val = json.loads((shapes / "annotations" / "instances_val2017.json").read_text())
+    per_image = np.bincount([a["image_id"] for a in val["annotations"]])
+    assert per_image.max() >= 12, "no crowded validation image"
+    sides = [max(a["bbox"][2:]) for a in val["annotations"]]
+    assert min(sides) < 16 and max(sides) > 64, "object sizes do not range from small to large"
+    assert {a["category_id"] for a in val["annotations"]} == {c["id"] for c in CATEGORIES}
+
+    # main.py reads it as it reads COCO
+    args = get_args_parser().parse_args(["--coco_path", str(shapes)])
+    image, target = build_dataset("val", args)[0]
+    assert image.shape[-2:] == (800, 800) and len(target["boxes"]) > 0
+
+
+def _overlaps(a: List[float], b: List[float], margin: float) -> bool:
+    return not (a[0] + a[2] + margin <= b[0] or b[0] + b[2] + margin <= a[0]
+                or a[1] + a[3] + margin <= b[1] or b[1] + b[3] + margin <= a[1])
+
+
+def test_synthetic_boxes_are_tight_on_the_shapes(shapes):
+    """For objects whose box, grown by 2 px, meets no other box: the box centre has the object's
+    colour, far from the 1-px ring just outside the box, no pixel of which has that colour, while
+    each of the box's own edge rows and columns holds a pixel of it (the box is tight)."""
+    data = json.loads((shapes / "annotations" / "instances_val2017.json").read_text())
+    ring_id = next(c["id"] for c in CATEGORIES if c["name"] == "ring")  # a ring's centre is background
+    by_image: Dict[int, list] = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    checked = 0
+    for image in data["images"]:
+        px = np.asarray(Image.open(shapes / "val2017" / image["file_name"]).convert("RGB"), dtype=np.float32)
+        anns = by_image.get(image["id"], [])
+        for ann in anns:
+            x, y, w, h = (int(v) for v in ann["bbox"])
+            if (ann["category_id"] == ring_id or x < 1 or y < 1 or x + w > 127 or y + h > 127
+                    or any(_overlaps(ann["bbox"], other["bbox"], 2) for other in anns if other is not ann)):
+                continue
+            cx, cy = x + w // 2, y + h // 2
+            colour = px[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3).mean(0)
+            outside = np.concatenate([px[y - 1, x - 1:x + w + 1], px[y + h, x - 1:x + w + 1],
+                                      px[y - 1:y + h + 1, x - 1], px[y - 1:y + h + 1, x + w]])
+            assert np.linalg.norm(outside.mean(0) - colour) > 50, (image["file_name"], ann)
+            assert np.linalg.norm(outside - colour, axis=1).min() > 25, (image["file_name"], ann)
+            for edge in (px[y, x:x + w], px[y + h - 1, x:x + w], px[y:y + h, x], px[y:y + h, x + w - 1]):
+                assert np.linalg.norm(edge - colour, axis=1).min() < 50, (image["file_name"], ann)
+            checked += 1
+    assert checked >= 20
+
+
+def test_synthetic_coco_deterministic(tmp_path):
+    kwargs = dict(num_train=3, num_val=2, image_size=64)
+    first = _tree_digest(make_synthetic_coco(tmp_path / "a", seed=5, **kwargs))
+    assert first == _tree_digest(make_synthetic_coco(tmp_path / "b", seed=5, **kwargs))
+    other = _tree_digest(make_synthetic_coco(tmp_path / "c", seed=6, **kwargs))
+    assert first.keys() == other.keys()
+    assert all(first[k] != other[k] for k in first if k.endswith(".jpg"))
+    # the validation images do not depend on the number of training images
+    more_train = _tree_digest(make_synthetic_coco(tmp_path / "d", seed=5, num_train=4, num_val=2, image_size=64))
+    assert all(more_train[f"val2017/{4 + k:012d}.jpg"] == first[f"val2017/{3 + k:012d}.jpg"] for k in (1, 2))
+
+
+# ----- plot_logs -----
+
+def _fake_log(path: Path, epochs: int, with_ap: bool = True) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for epoch in range(epochs):
+        entry = {"train_loss": 10.0 - epoch, "train_loss_ce": 1.0, "train_loss_bbox": 0.5 / (epoch + 1),
+                 "train_loss_giou": 0.8, "train_class_error": 50.0, "test_loss": 9.0, "epoch": epoch,
+                 "n_parameters": 1000}
+        if with_ap:
+            entry["test_coco_eval_bbox"] = [0.1 * epoch, 0.2 * epoch] + [0.0] * 10
+        lines.append(json.dumps(entry))
+    (path / "log.txt").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_plot_logs_png(tmp_path):
+    run_a = _fake_log(tmp_path / "run_a", 3)
+    run_b = _fake_log(tmp_path / "run_b", 2, with_ap=False)
+    plot_logs.main([str(run_a), str(run_b / "log.txt")])
+    out = run_a / "curves.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (1300, 480)
+        assert len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 10  # not blank
+    assert plot_logs.plot_logs([run_b], tmp_path / "sub" / "b.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", r"log\.txt is empty"),
+    ('{"train_loss": 1.0, "epoch": 0}\nnot json\n', r"log\.txt, line 2: not valid JSON"),
+    ('[1, 2]\n', r"log\.txt, line 1: expected a JSON object"),
+    ('{"test_loss": 1.0}\n', r"no epoch has 'train_loss'"),
+    ('{"train_loss": 1.0, "test_coco_eval_bbox": "high"}\n', r"line 1: 'test_coco_eval_bbox' must be a list"),
+])
+def test_plot_logs_malformed(tmp_path, content, message):
+    (tmp_path / "log.txt").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        plot_logs.plot_logs([tmp_path])
+    assert not (tmp_path / "curves.png").exists()
+
+
+def test_plot_logs_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no log at .*nowhere"):
+        plot_logs.plot_logs([tmp_path / "nowhere"])
+
+
+# ----- infer -----
+
+def _tiny_args(variant: str, *extra: str) -> argparse.Namespace:
+    return get_args_parser().parse_args(TINY_MODEL + VARIANTS[variant] + list(extra))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Dict[str, Path]:
+    """Freshly initialised tiny models saved as main.py saves them (evaluation size 96, max 160)."""
+    paths = {}
+    for variant in ("plain", "box_refine"):
+        torch.manual_seed(0)
+        args = _tiny_args(variant, "--val_scale", "96", "--max_size", "160")
+        model, _, _ = build_model(args)
+        paths[variant] = tmp_path_factory.mktemp(variant) / "checkpoint.pth"
+        torch.save({"model": model.state_dict(), "args": args, "epoch": 0}, paths[variant])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def wide_image(tmp_path_factory) -> Path:
+    """A 160x100 (w x h) image, so that resizing scales the two axes differently after rounding."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("images") / "wide.png"
+    Image.fromarray(rng.integers(0, 256, size=(100, 160, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _parse_detections(text: str) -> List[List[str]]:
+    return [line.split() for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_infer_draws_and_prints(checkpoints, shapes, wide_image, tmp_path, capsys):
+    val_image = shapes / "val2017" / f"{7:012d}.jpg"
+    infer.main(["--resume", str(checkpoints["box_refine"]), str(val_image), str(wide_image.parent),
+                "--threshold", "0", "--top_k", "3", "--coco_path", str(shapes), "--out_dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert printed.count("# ") == 2
+    lines = _parse_detections(printed)
+    assert len(lines) == 6 and all(len(fields) == 6 for fields in lines)
+    names = {c["name"] for c in CATEGORIES}
+    assert all(fields[0] in names or fields[0].isdigit() for fields in lines)
+    assert any(fields[0] in names for fields in lines), "no class named from --coco_path"
+
+    for source, fields in ((val_image, lines[:3]), (wide_image, lines[3:])):
+        original = np.asarray(Image.open(source).convert("RGB")).astype(int)
+        with Image.open(tmp_path / f"{source.stem}_det.png") as drawn:
+            assert drawn.size == (original.shape[1], original.shape[0])
+            drawn = np.asarray(drawn.convert("RGB")).astype(int)
+        changed = (drawn != original).any(-1)
+        assert changed.any()
+        h, w = changed.shape
+        allowed = np.zeros_like(changed)
+        for det in fields:
+            x0, y0, x1, y1 = (float(v) for v in det[2:])
+            outline = set()
+            for t in np.linspace(0, 1, 50):
+                outline |= {(round(x0 + t * (x1 - x0)), round(y0)), (round(x0 + t * (x1 - x0)), round(y1)),
+                            (round(x0), round(y0 + t * (y1 - y0))), (round(x1), round(y0 + t * (y1 - y0)))}
+            inside = [(x, y) for x, y in outline if 1 <= x < w - 1 and 1 <= y < h - 1]
+            # every outline pixel inside the image is painted (within a pixel of rounding)
+            assert all(changed[y - 1:y + 2, x - 1:x + 2].any() for x, y in inside)
+            # painting stays on the outline or the label next to its top-left corner
+            xs, ys = np.arange(w)[None, :], np.arange(h)[:, None]
+            near_x = (np.abs(xs - x0) <= 2) | (np.abs(xs - x1) <= 2)
+            near_y = (np.abs(ys - y0) <= 2) | (np.abs(ys - y1) <= 2)
+            within_x = (xs >= x0 - 2) & (xs <= x1 + 2)
+            within_y = (ys >= y0 - 2) & (ys <= y1 + 2)
+            label = (xs >= x0 - 2) & (xs <= x0 + 100) & (np.abs(ys - y0) <= 16)
+            allowed |= (near_x & within_y) | (near_y & within_x) | label
+        assert not (changed & ~allowed).any()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_sampling_recorder_matches_msdeformattn(variant, monkeypatch):
+    """The hook's locations and weights are exactly those MSDeformAttn hands to the sampling op."""
+    torch.manual_seed(0)
+    model, _, _ = build_model(_tiny_args(variant))
+    model.eval()
+    seen = []
+    real_op = ms_deform_attn_module.ms_deform_attn
+
+    def spy(value, shapes, start, locations, weights):
+        seen.append((locations, weights))
+        return real_op(value, shapes, start, locations, weights)
+
+    monkeypatch.setattr(ms_deform_attn_module, "ms_deform_attn", spy)
+    with infer.SamplingRecorder(model.transformer.decoder.layers[-1].cross_attn) as recorder, torch.no_grad():
+        model([torch.rand(3, 64, 96)])
+    locations, weights = seen[-1]  # the last decoder layer's cross-attention is the last call
+    assert recorder.locations.shape == (1, 10, 2, 4, 4, 2)
+    assert torch.equal(recorder.locations, locations) and torch.equal(recorder.weights, weights)
+
+
+def test_infer_sampling_points(checkpoints, wide_image, tmp_path, capsys):
+    """Untrained plain model: the box centre is the query's reference point (the last box layer
+    starts at zero) and the sampling offsets are symmetric about it (opposite head directions,
+    zero offset weights), so in pixels the points' mean must be the printed box centre; this
+    checks the mapping from padded-input coordinates to the original (non-square, resized) image."""
+    model, train_args = infer.load_model(checkpoints["plain"], "cpu")
+    _, detections, points = infer.infer_image(model, train_args, wide_image, torch.device("cpu"),
+                                              threshold=0.0, top_k=3, num_sampling_dets=2)
+    assert len(detections) == 3 and len(points) == 2
+    for det, (xy, weights) in zip(detections, points):
+        assert xy.shape == (2 * 4 * 4, 2) and weights.shape == (32,)
+        x0, y0, x1, y1 = det.box
+        assert torch.allclose(xy.mean(0), torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2]), atol=1e-2)
+
+    common = ["--resume", str(checkpoints["plain"]), str(wide_image), "--threshold", "0", "--top_k", "3"]
+    infer.main(common + ["--out_dir", str(tmp_path / "boxes")])
+    infer.main(common + ["--out_dir", str(tmp_path / "points"), "--show_sampling_points",
+                         "--num_sampling_dets", "2"])
+    assert len(_parse_detections(capsys.readouterr().out)) == 6
+    boxes = np.asarray(Image.open(tmp_path / "boxes" / "wide_det.png")).astype(int)
+    with_points = np.asarray(Image.open(tmp_path / "points" / "wide_det.png")).astype(int)
+    differ = np.argwhere((boxes != with_points).any(-1))
+    assert len(differ) > 0
+    # every pixel the points changed lies within a dot's radius of a sampling point
+    centres = torch.cat([xy for xy, _ in points]).numpy()
+    distance = np.linalg.norm(differ[:, None, ::-1] + 0.5 - centres[None], axis=-1).min(1)
+    assert distance.max() <= 3
+
+
+def test_infer_checkpoint_and_input_handling(checkpoints, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no image or folder at .*missing.jpg"):
+        infer.image_paths([tmp_path / "missing.jpg"])
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        infer.image_paths([tmp_path])
+    checkpoint = torch.load(checkpoints["plain"], weights_only=False)
+    # args of the original's checkpoints lack --val_scale and --max_size: the original's sizes apply
+    old_args = tmp_path / "old_args.pth"
+    del checkpoint["args"].val_scale, checkpoint["args"].max_size
+    torch.save(checkpoint, old_args)
+    _, args = infer.load_model(old_args, "cpu")
+    assert (args.val_scale, args.max_size) == (800, 1333)
+    no_args = tmp_path / "no_args.pth"
+    torch.save({"model": checkpoint["model"]}, no_args)
+    with pytest.raises(ValueError, match="no_args.pth has no 'args' entry"):
+        infer.load_model(no_args, "cpu")
+    wrong = tmp_path / "wrong.pth"
+    checkpoint["args"].num_queries = 7
+    torch.save(checkpoint, wrong)
+    with pytest.raises(RuntimeError, match="wrong.pth: the weights do not fit"):
+        infer.load_model(wrong, "cpu")
+    assert infer.class_names_from(None, '["a", "b"]') == {0: "a", 1: "b"}
+    assert infer.class_names_from(None, '{"3": "cat"}') == {3: "cat"}
+    with pytest.raises(ValueError, match="neither a file nor valid JSON"):
+        infer.class_names_from(None, "cats.json")
+
+
+# ----- benchmark -----
+
+def test_benchmark_prints_fps(capsys):
+    benchmark_tool.main(TINY_MODEL + ["--device", "cpu", "--image_size", "64", "96", "--num_iters", "1",
+                                      "--warmup", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "images/s" in line]
+    assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 4"]
+    assert all(float(line.split()[2]) > 0 for line in lines)

@@ -1,0 +1,301 @@
+"""Run a trained Deformable DETR checkpoint on images: print the detections and draw them.
+
+Usage::
+
+    python tools/infer.py --resume exps/run/checkpoint.pth IMAGE_OR_FOLDER [...]
+        [--threshold 0.5] [--top_k 100] [--device cpu|cuda] [--out_dir detections]
+        [--coco_path data/shapes | --class_names names.json] [--show_sampling_points]
+
+The model is rebuilt from the checkpoint's own training arguments (``checkpoint['args']``), so
+every variant (single/multi-scale, box refinement, two-stage) loads as trained, and each image is
+resized as that training's evaluation did (``--val_scale`` / ``--max_size``, or the original's
+800 / 1333 for checkpoints without them, such as the original's own). A folder contributes its
+image files (not recursively).
+
+For each image it prints a header line and one line per detection whose score exceeds
+``--threshold`` (best first, at most ``--top_k``)::
+
+    <class name> <score> <x0> <y0> <x1> <y1>
+
+in original-image pixels, and writes ``<out_dir>/<image stem>_det.png``: the image with the
+boxes and labels drawn. Class names come from ``--coco_path``'s annotation categories, or from
+``--class_names`` (a JSON file or inline JSON: a list indexed by label, an ``{id: name}`` object,
+or a COCO annotation file), else the numeric label is printed; whitespace in names is printed as
+``_`` so every line splits into six fields.
+
+With ``--show_sampling_points``, the ``--num_sampling_dets`` best detections also get the
+sampling locations of their query in the last decoder layer's cross-attention (every head, level
+and point), as dots coloured from dark blue (low) to yellow (high) by attention weight relative
+to that query's largest one. They are caught by a forward hook on that ``MSDeformAttn`` which
+recomputes them from its inputs exactly as its forward does (:class:`SamplingRecorder`); being
+normalised over the padded input, which for one image is the resized image, they are mapped to
+original-image pixels as ``location * resized size / resize scale``.
+"""
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datasets.transforms import make_coco_transforms  # noqa: E402
+from main import get_args_parser  # noqa: E402
+from models import build_model  # noqa: E402
+from util import box_ops  # noqa: E402
+from util.checkpoint import load_checkpoint  # noqa: E402
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40))
+# Attention-weight colour ramp, low to high: dark blue, teal, green, yellow.
+RAMP = ((40, 20, 120), (30, 140, 140), (90, 200, 70), (255, 235, 30))
+PathLike = Union[str, Path]
+
+
+class Detection(NamedTuple):
+    query: int
+    label: int
+    score: float
+    box: Tuple[float, float, float, float]  # x0, y0, x1, y1 in original-image pixels
+
+
+def load_model(checkpoint_path: PathLike, device: Union[str, torch.device]) -> Tuple[nn.Module, argparse.Namespace]:
+    """The model of a ``main.py`` checkpoint, rebuilt from its saved ``args``, in eval mode on ``device``.
+
+    ``args`` is completed with this ``main.py``'s defaults for flags the checkpoint predates
+    (checkpoints of the original lack ``--val_scale`` and ``--max_size``, and get its 800 and
+    1333); the backbone is built without ImageNet weights since the checkpoint holds its own.
+    """
+    checkpoint = load_checkpoint(checkpoint_path)
+    saved = checkpoint.get("args")
+    if not isinstance(saved, argparse.Namespace):
+        raise ValueError(f"{checkpoint_path} has no 'args' entry (argparse.Namespace) to rebuild the model "
+                         f"from; keys: {sorted(checkpoint)}")
+    args = get_args_parser().parse_args([])
+    vars(args).update(vars(saved))
+    args.backbone_weights = "none"
+    args.device = str(device)
+    model, _, _ = build_model(args)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise RuntimeError(f"{checkpoint_path}: the weights do not fit the model built from its own "
+                           f"args: {e}") from None
+    return model.to(device).eval(), args
+
+
+def class_names_from(coco_path: Optional[str], class_names: Optional[str]) -> Dict[int, str]:
+    """Label -> name from a COCO directory's annotation categories or a ``--class_names`` JSON
+    (see the module docstring); empty when neither is given."""
+    if coco_path:
+        candidates = [Path(coco_path) / "annotations" / f"instances_{split}2017.json" for split in ("val", "train")]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise FileNotFoundError(f"--coco_path {coco_path}: neither {candidates[0]} nor {candidates[1]} exists")
+        with open(found[0]) as f:
+            return _names_from_json(json.load(f), str(found[0]))
+    if class_names:
+        if Path(class_names).is_file():
+            with open(class_names) as f:
+                return _names_from_json(json.load(f), class_names)
+        try:
+            return _names_from_json(json.loads(class_names), "--class_names")
+        except json.JSONDecodeError:
+            raise ValueError(f"--class_names {class_names!r} is neither a file nor valid JSON") from None
+    return {}
+
+
+def _names_from_json(data: Any, source: str) -> Dict[int, str]:
+    if isinstance(data, dict) and "categories" in data:
+        try:
+            return {int(c["id"]): str(c["name"]) for c in data["categories"]}
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{source}: every entry of 'categories' needs an integer 'id' and a 'name'") from None
+    if isinstance(data, list):
+        return {i: str(name) for i, name in enumerate(data)}
+    if isinstance(data, dict):
+        try:
+            return {int(k): str(v) for k, v in data.items()}
+        except ValueError:
+            raise ValueError(f"{source}: class-name keys must be integer labels, got {sorted(data)[:5]}") from None
+    raise ValueError(f"{source}: expected a list of names, an {{id: name}} object or a COCO annotation file, "
+                     f"got {type(data).__name__}")
+
+
+def image_paths(inputs: Sequence[PathLike]) -> List[Path]:
+    """The given image files, and the image files directly inside the given folders (sorted)."""
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise FileNotFoundError(f"folder {item} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise FileNotFoundError(f"no image or folder at {item}")
+    return paths
+
+
+class SamplingRecorder:
+    """Forward hook on an ``MSDeformAttn`` keeping the last call's sampling locations and
+    attention weights (see ``MSDeformAttn.sampling_locations_and_weights``). Use as a context manager."""
+
+    def __init__(self, attn: nn.Module):
+        self.attn = attn
+        self.locations: Optional[Tensor] = None
+        self.weights: Optional[Tensor] = None
+        self._signature = inspect.signature(attn.forward)
+        self._handle = None
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+        inputs = self._signature.bind(*args, **kwargs).arguments
+        self.locations, self.weights = module.sampling_locations_and_weights(
+            inputs["query"], inputs["reference_points"], inputs["input_spatial_shapes"])
+
+    def __enter__(self) -> "SamplingRecorder":
+        self._handle = self.attn.register_forward_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+
+def select_detections(outputs: Dict[str, Tensor], orig_size: Tuple[int, int], threshold: float,
+                      top_k: int) -> List[Detection]:
+    """The (query, class) pairs of image 0 scoring above ``threshold``, best first, at most
+    ``top_k``: PostProcess's detections (sigmoid scores, boxes scaled to ``orig_size = (h, w)``),
+    with their query index kept."""
+    prob = outputs["pred_logits"][0].sigmoid().cpu()
+    scores, flat = prob.flatten().topk(min(top_k, prob.numel()))
+    keep = scores > threshold
+    scores, flat = scores[keep], flat[keep]
+    queries = torch.div(flat, prob.shape[1], rounding_mode="floor")
+    h, w = orig_size
+    boxes = box_ops.box_cxcywh_to_xyxy(outputs["pred_boxes"][0].cpu()[queries]) * torch.tensor([w, h, w, h])
+    return [Detection(int(q), int(c), float(s), tuple(float(v) for v in b))
+            for q, c, s, b in zip(queries, flat % prob.shape[1], scores, boxes)]
+
+
+def _ramp(t: float) -> Tuple[int, int, int]:
+    """Colour of ``t`` in ``[0, 1]`` on :data:`RAMP`."""
+    position = min(max(t, 0.0), 1.0) * (len(RAMP) - 1)
+    i = min(int(position), len(RAMP) - 2)
+    f = position - i
+    return tuple(int(round(a + f * (b - a))) for a, b in zip(RAMP[i], RAMP[i + 1]))
+
+
+def draw_detections(image: Image.Image, detections: Sequence[Detection], names: Dict[int, str],
+                    points: Optional[Sequence[Tuple[Tensor, Tensor]]] = None) -> Image.Image:
+    """A copy of ``image`` with each detection's box and ``name score`` label, and, when given,
+    per detection ``(xy (N, 2) original-image pixels, weights (N,))`` sampling points (those
+    outside the image are clipped away by the drawing)."""
+    canvas = image.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    width = max(1, round(min(canvas.size) / 250))
+    for k, det in enumerate(detections):
+        colour = PALETTE[det.label % len(PALETTE)]
+        draw.rectangle(det.box, outline=colour, width=width)
+        text = f"{names.get(det.label, det.label)} {det.score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        x0, y0 = det.box[0], det.box[1] - (bottom - top) - 2
+        if y0 < 0:  # no room above the box: label inside its top edge
+            y0 = det.box[1] + width
+        draw.rectangle([x0, y0, x0 + right - left + 2, y0 + bottom - top + 2], fill=colour)
+        draw.text((x0 + 1 - left, y0 + 1 - top), text, fill=(0, 0, 0), font=font)
+        if points is not None and k < len(points):
+            xy, weights = points[k]
+            radius = max(1.5, min(canvas.size) / 200)
+            relative = weights / weights.max()
+            # low weights first, so the strongest points end up on top
+            for i in relative.argsort().tolist():
+                x, y = xy[i].tolist()
+                draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=_ramp(relative[i].item()))
+    return canvas
+
+
+def infer_image(model: nn.Module, args: argparse.Namespace, path: Path, device: torch.device, threshold: float,
+                top_k: int, num_sampling_dets: int = 0) -> Tuple[Image.Image, List[Detection],
+                                                                 List[Tuple[Tensor, Tensor]]]:
+    """Detect in one image. Returns the image, its detections and, for the first
+    ``num_sampling_dets`` of them, the last decoder layer's sampling points of their query:
+    ``xy (N, 2)`` in original-image pixels (points outside the image included; they sample
+    zeros) and their attention weights ``(N,)``, ``N = heads * levels * points``."""
+    try:
+        image = Image.open(path).convert("RGB")
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    transform = make_coco_transforms("val", max_size=args.max_size, val_size=args.val_scale)
+    tensor, _ = transform(image, None)
+    orig_w, orig_h = image.size
+    with SamplingRecorder(model.transformer.decoder.layers[-1].cross_attn) as recorder, torch.no_grad():
+        outputs = model([tensor.to(device)])
+    detections = select_detections(outputs, (orig_h, orig_w), threshold, top_k)
+
+    points = []
+    if num_sampling_dets > 0:
+        # Locations are normalised over the padded input, which for a single image is the
+        # resized image itself: location * padded size is a resized-image pixel, and dividing
+        # by the resize scale (resized / original size) gives an original-image pixel.
+        padded_h, padded_w = tensor.shape[-2:]
+        scale = torch.tensor([padded_w / orig_w, padded_h / orig_h])
+        to_pixels = torch.tensor([padded_w, padded_h]) / scale
+        for det in detections[:num_sampling_dets]:
+            points.append((recorder.locations[0, det.query].reshape(-1, 2).cpu() * to_pixels,
+                           recorder.weights[0, det.query].reshape(-1).cpu()))
+    return image, detections, points
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser("Deformable DETR inference on images")
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    parser.add_argument("--resume", required=True, help="checkpoint written by main.py")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--threshold", default=0.5, type=float, help="print and draw scores above this")
+    parser.add_argument("--top_k", default=100, type=int, help="at most this many detections per image")
+    parser.add_argument("--out_dir", default="detections", help="where <image stem>_det.png are written")
+    names = parser.add_mutually_exclusive_group()
+    names.add_argument("--coco_path", default=None, help="COCO-layout dataset whose categories name the labels")
+    names.add_argument("--class_names", default=None,
+                        help="JSON file or inline JSON: a list indexed by label, an {id: name} object "
+                             "or a COCO annotation file")
+    parser.add_argument("--show_sampling_points", action="store_true",
+                        help="also draw the last decoder layer's sampling points of the best detections")
+    parser.add_argument("--num_sampling_dets", default=3, type=int,
+                        help="with --show_sampling_points: how many of the best detections get their points")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error(f"--top_k must be >= 1, got {args.top_k}")
+    if args.num_sampling_dets < 0:
+        parser.error(f"--num_sampling_dets must be >= 0, got {args.num_sampling_dets}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} but no CUDA device is visible; pass --device cpu")
+
+    names = class_names_from(args.coco_path, args.class_names)
+    paths = image_paths(args.inputs)
+    model, train_args = load_model(args.resume, device)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    num_sampling_dets = args.num_sampling_dets if args.show_sampling_points else 0
+    for path in paths:
+        image, detections, points = infer_image(model, train_args, path, device, args.threshold, args.top_k,
+                                                num_sampling_dets)
+        out = out_dir / f"{path.stem}_det.png"
+        draw_detections(image, detections, names, points if args.show_sampling_points else None).save(out)
+        print(f"# {path}: {len(detections)} detections above {args.threshold} -> {out}")
+        for det in detections:
+            name = "_".join(str(names.get(det.label, det.label)).split())
+            print(f"{name} {det.score:.3f} " + " ".join(f"{v:.1f}" for v in det.box))
+
+
+if __name__ == "__main__":
+    main()
