@@ -47,10 +47,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Backbone
     parser.add_argument("--backbone", default="resnet50", type=str,
-                        help="torchvision ResNet: resnet18, resnet34, resnet50 or resnet101")
+                        help="resnet18, resnet34, resnet50, resnet101 (torchvision's) or resnet10")
     parser.add_argument("--backbone_weights", default="imagenet", type=str,
                         help="'imagenet' (torchvision's ImageNet V1 weights, from the torch hub "
                              "cache), 'none' (random init) or a path to a ResNet state_dict")
+    parser.add_argument("--backbone_norm", default="frozen", choices=("frozen", "batch"),
+                        help="BatchNorm of the backbone: 'frozen' (the original) or 'batch' (trainable, "
+                             "for training from scratch)")
+    parser.add_argument("--train_backbone_stem", action="store_true",
+                        help="also train the backbone's stem and layer1 (the original freezes them)")
+    parser.add_argument("--backbone_width", default=64, type=int,
+                        help="first-stage width of a basic-block ResNet (resnet10/18/34); 64 is torchvision's")
     parser.add_argument("--dilation", action="store_true",
                         help="replace the stride of the last ResNet stage by dilation (DC5)")
     parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"),
@@ -109,6 +116,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="minutes a process waits for the others in a collective before failing")
     parser.add_argument("--train_scales", default=list(DEFAULT_SCALES), type=int, nargs="+",
                         help="training short-side sizes, one drawn per image")
+    parser.add_argument("--crop_resize_scales", default=[400, 500, 600], type=int, nargs="+",
+                        help="training: short-side sizes before the random crop (the other half of the images)")
+    parser.add_argument("--crop_size", default=[384, 600], type=int, nargs=2, metavar=("MIN", "MAX"),
+                        help="training: range of the random crop's height and width")
     parser.add_argument("--val_scale", default=800, type=int, help="evaluation short-side size")
     parser.add_argument("--max_size", default=1333, type=int,
                         help="longest image side after resizing (train and evaluation)")

@@ -129,9 +129,12 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def build(image_set: str, coco_path: PathLike, cache_mode: bool = False,
-          scales: Sequence[int] = DEFAULT_SCALES, val_size: int = 800, max_size: int = 1333) -> CocoDetection:
+          scales: Sequence[int] = DEFAULT_SCALES, val_size: int = 800, max_size: int = 1333,
+          crop_resize_sizes: Sequence[int] = (400, 500, 600), crop_size_range: Tuple[int, int] = (384, 600)
+          ) -> CocoDetection:
     """The ``"train"`` or ``"val"`` split of COCO 2017 under ``coco_path`` with the original's
-    transforms; ``scales``, ``val_size`` and ``max_size`` are their resize sizes (defaults the original's).
+    transforms; the sizes are those of :func:`~datasets.transforms.make_coco_transforms`
+    (defaults the original's).
 
     Expects ``{train,val}2017/`` and ``annotations/instances_{train,val}2017.json`` under
     ``coco_path``. In cache mode the node-local rank and size come from ``LOCAL_RANK`` and
@@ -144,8 +147,9 @@ def build(image_set: str, coco_path: PathLike, cache_mode: bool = False,
         raise FileNotFoundError(f"COCO path {root} does not exist")
     # Only cache mode needs the node layout (LOCAL_WORLD_SIZE may be unset otherwise).
     local_rank, local_size = (get_local_rank(), get_local_size()) if cache_mode else (0, 1)
+    transforms = make_coco_transforms(image_set, scales=scales, max_size=max_size,
+                                      crop_resize_sizes=crop_resize_sizes, crop_size_range=crop_size_range,
+                                      val_size=val_size)
     return CocoDetection(root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json",
-                         transforms=make_coco_transforms(image_set, scales=scales, max_size=max_size,
-                                                                    val_size=val_size),
-                         cache_mode=cache_mode,
-                         local_rank=local_rank, local_size=local_size)
+                         transforms=transforms, cache_mode=cache_mode, local_rank=local_rank,
+                         local_size=local_size)

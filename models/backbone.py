@@ -1,19 +1,53 @@
 """ResNet backbone with frozen BatchNorm, and its pairing with the positional encoding."""
 import os
-from typing import Dict, List, Tuple
+from collections import OrderedDict
+from typing import Dict, List, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from util.misc import NestedTensor
 
 from .position_encoding import build_position_encoding
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+RESNETS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101")
+# blocks per stage of the basic-block ResNets; resnet10 is not in torchvision (no ImageNet weights)
+BASIC_BLOCK_LAYERS = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resnet34": [3, 4, 6, 3]}
+NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
+
+
+def basic_block_resnet(layers: Sequence[int], base_width: int, norm_layer: Type[nn.Module]) -> nn.Sequential:
+    """A ResNet of torchvision's ``BasicBlock`` with stage widths ``base_width * (1, 2, 4, 8)``.
+
+    The module names (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ...) are
+    torchvision's, so state_dicts of torchvision's ResNet-18/34 fit when ``base_width`` is 64.
+    """
+    stem = [("conv1", nn.Conv2d(3, base_width, kernel_size=7, stride=2, padding=3, bias=False)),
+            ("bn1", norm_layer(base_width)), ("relu", nn.ReLU(inplace=True)),
+            ("maxpool", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))]
+    stages = []
+    in_channels = base_width
+    for i, num_blocks in enumerate(layers):
+        width, stride = base_width * 2 ** i, 1 if i == 0 else 2
+        blocks = []
+        for b in range(num_blocks):
+            downsample = None
+            if b == 0 and (stride != 1 or in_channels != width):
+                downsample = nn.Sequential(nn.Conv2d(in_channels, width, kernel_size=1, stride=stride, bias=False),
+                                           norm_layer(width))
+            blocks.append(BasicBlock(in_channels, width, stride if b == 0 else 1, downsample, norm_layer=norm_layer))
+            in_channels = width
+        stages.append((f"layer{i + 1}", nn.Sequential(*blocks)))
+    net = nn.Sequential(OrderedDict(stem + stages))
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return net
 
 
 def _stage_out_channels(stage: nn.Sequential) -> int:
@@ -61,31 +95,49 @@ def load_resnet_weights(resnet: nn.Module, name: str, weights: str) -> None:
 
 
 class Backbone(nn.Module):
-    """A torchvision ResNet with frozen BatchNorm returning the last one or three stages.
+    """A ResNet returning its last one or three stages, by default torchvision's with frozen BatchNorm.
 
     Args:
-        name: ``resnet18``, ``resnet34``, ``resnet50`` or ``resnet101``.
-        train_backbone: if False every parameter is frozen; if True only ``layer2``-``layer4``
-            train (the stem and ``layer1`` are always frozen).
+        name: ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101`` (torchvision's), or
+            ``resnet10`` (one basic block per stage).
+        train_backbone: if False every parameter is frozen; if True ``layer2``-``layer4`` train,
+            and the stem and ``layer1`` too when ``train_stem``.
         return_interm_layers: return ``layer2``-``layer4`` (strides 8/16/32) instead of ``layer4``.
         dilation: replace the stride of ``layer4`` by dilation (DC5), halving its stride.
         weights: see :func:`load_resnet_weights`.
+        norm: ``frozen`` (the original: fixed BatchNorm statistics and affine parameters) or
+            ``batch`` (ordinary trainable BatchNorm, for training from scratch).
+        train_stem: also train the stem and ``layer1`` (the original freezes them).
+        base_width: width of the first stage of a basic-block ResNet (64 in torchvision).
     """
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
-                 weights: str = "none"):
+                 weights: str = "none", norm: str = "frozen", train_stem: bool = False, base_width: int = 64):
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"--backbone must be one of {', '.join(RESNETS)}, got {name!r}")
-        if dilation and name in ("resnet18", "resnet34"):
+        if norm not in NORM_LAYERS:
+            raise ValueError(f"--backbone_norm must be one of {', '.join(NORM_LAYERS)}, got {norm!r}")
+        custom = name == "resnet10" or base_width != 64
+        if custom and name not in BASIC_BLOCK_LAYERS:
+            raise ValueError(f"--backbone_width {base_width} needs a basic-block ResNet "
+                             f"({', '.join(BASIC_BLOCK_LAYERS)}), not {name}")
+        if dilation and name in BASIC_BLOCK_LAYERS:
             raise ValueError(f"--dilation (DC5) needs a bottleneck ResNet (resnet50, resnet101); "
-                             f"torchvision's {name} has no dilated blocks")
-        resnet = getattr(torchvision.models, name)(
-            weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=FrozenBatchNorm2d)
+                             f"the basic blocks of {name} have no dilated form")
+        if custom and weights == "imagenet":
+            raise ValueError(f"there are no ImageNet weights for {name} of width {base_width}: pass "
+                             f"--backbone_weights none or the path of a state_dict")
+        norm_layer = NORM_LAYERS[norm]
+        if custom:
+            resnet = basic_block_resnet(BASIC_BLOCK_LAYERS[name], base_width, norm_layer)
+        else:
+            resnet = getattr(torchvision.models, name)(
+                weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer)
         load_resnet_weights(resnet, name, weights)
         for param_name, parameter in resnet.named_parameters():
-            trainable_stage = any(stage in param_name for stage in ("layer2", "layer3", "layer4"))
-            if not (train_backbone and trainable_stage):
+            later_stage = param_name.split(".")[0] in ("layer2", "layer3", "layer4")
+            if not (train_backbone and (later_stage or train_stem)):
                 parameter.requires_grad_(False)
         stages = ["layer2", "layer3", "layer4"] if return_interm_layers else ["layer4"]
         self.strides = [8, 16, 32] if return_interm_layers else [32]
@@ -124,5 +176,6 @@ def build_backbone(args) -> Joiner:
     position_embedding = build_position_encoding(args)
     backbone = Backbone(args.backbone, train_backbone=args.lr_backbone > 0,
                         return_interm_layers=args.num_feature_levels > 1, dilation=args.dilation,
-                        weights=args.backbone_weights)
+                        weights=args.backbone_weights, norm=args.backbone_norm,
+                        train_stem=args.train_backbone_stem, base_width=args.backbone_width)
     return Joiner(backbone, position_embedding)

@@ -307,3 +307,33 @@ def test_backbone_weights_errors(tmp_path, monkeypatch):
         Backbone("resnet50", True, False, False, weights="imagenet")
     message = str(err.value)
     assert "--backbone_weights none" in message and "--backbone_weights /path/to/resnet50.pth" in message
+
+
+def test_basic_block_resnet_matches_torchvision_layout():
+    """At width 64 our basic-block builder has torchvision's keys and shapes (so its weights fit)."""
+    import torchvision
+    from models.backbone import basic_block_resnet
+    from torchvision.ops.misc import FrozenBatchNorm2d
+    ours = basic_block_resnet([2, 2, 2, 2], 64, FrozenBatchNorm2d).state_dict()
+    theirs = {k: v for k, v in torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d).state_dict().items()
+              if not k.startswith("fc.")}
+    assert list(ours) == list(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+def test_small_trainable_backbone():
+    backbone = Backbone("resnet10", train_backbone=True, return_interm_layers=True, dilation=False,
+                        norm="batch", train_stem=True, base_width=32)
+    assert backbone.num_channels == [64, 128, 256]
+    assert all(p.requires_grad for p in backbone.parameters())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in backbone.modules())
+    out = backbone(nested_tensor_from_tensor_list([torch.randn(3, 64, 64)]))
+    assert [tuple(f.tensors.shape) for _, f in sorted(out.items())] == [(1, 64, 8, 8), (1, 128, 4, 4), (1, 256, 2, 2)]
+    # the original's freezing: without train_stem the stem and layer1 stay frozen
+    frozen_stem = Backbone("resnet10", True, True, False, norm="batch", base_width=32)
+    frozen = {n for n, p in frozen_stem.body.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("conv1", "bn1", "layer1.")) for n in frozen)
+    with pytest.raises(ValueError, match="ImageNet"):
+        Backbone("resnet10", True, True, False, weights="imagenet")
+    with pytest.raises(ValueError, match="basic-block"):
+        Backbone("resnet50", True, True, False, base_width=32)
