@@ -1,0 +1,342 @@
+// CUDA forward and backward of the multi-scale deformable attention sampling core.
+//
+// One thread handles CPT consecutive channels of one (batch, query, head); the C / CPT threads
+// of a (batch, query, head) are consecutive, so they share a warp whenever C / CPT <= 32. All
+// arithmetic is done in at::opmath_type (float for half and bfloat16), gradients are
+// accumulated in buffers of that type, and every index is 64-bit.
+//
+// Backward scatters into grad_value with atomicAdd. The location and weight gradients are summed
+// over the channel threads of a sample with warp shuffles: over the whole group when it fits in
+// an aligned run of lanes (then stored directly), otherwise over the largest aligned run and
+// added atomically.
+#include "../ms_deform_attn.h"
+#include "../sampling.h"
+
+#include <ATen/Context.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/Atomic.cuh>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+
+namespace deformable_detr {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarpSize = 32;
+
+struct Geometry {
+  int64_t batch;
+  int64_t spatial;
+  int64_t heads;
+  int64_t channels;
+  int64_t queries;
+  int64_t levels;
+  int64_t points;
+};
+
+template <typename scalar_t, int CPT>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                   const int64_t* __restrict__ starts, const scalar_t* __restrict__ locations,
+                   const scalar_t* __restrict__ weights, scalar_t* __restrict__ output,
+                   Geometry g, int64_t total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= total) {
+    return;
+  }
+  const int64_t groups = g.channels / CPT;
+  const int64_t channel = (index % groups) * CPT;
+  const int64_t bqh = index / groups;
+  const int64_t h = bqh % g.heads;
+  const int64_t b = bqh / (g.heads * g.queries);
+  const int64_t token_stride = g.heads * g.channels;
+  const scalar_t* value_bh = value + b * g.spatial * token_stride + h * g.channels + channel;
+
+  acc_t acc[CPT];
+#pragma unroll
+  for (int c = 0; c < CPT; ++c) {
+    acc[c] = acc_t(0);
+  }
+  int64_t sample = bqh * g.levels * g.points;
+  for (int64_t l = 0; l < g.levels; ++l) {
+    const int64_t height = shapes[2 * l];
+    const int64_t width = shapes[2 * l + 1];
+    const int64_t start = starts[l];
+    if (!level_in_bounds(height, width, start, g.spatial)) {
+      sample += g.points;
+      continue;
+    }
+    for (int64_t p = 0; p < g.points; ++p, ++sample) {
+      Corners<acc_t> corners;
+      if (!locate_corners(static_cast<acc_t>(locations[2 * sample]),
+                          static_cast<acc_t>(locations[2 * sample + 1]), height, width, start,
+                          token_stride, corners)) {
+        continue;
+      }
+      const acc_t attn = static_cast<acc_t>(weights[sample]);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (corners.offset[k] >= 0) {
+          const acc_t w = attn * corners.weight[k];
+          const scalar_t* v = value_bh + corners.offset[k];
+#pragma unroll
+          for (int c = 0; c < CPT; ++c) {
+            acc[c] += w * static_cast<acc_t>(v[c]);
+          }
+        }
+      }
+    }
+  }
+  scalar_t* out = output + bqh * g.channels + channel;
+#pragma unroll
+  for (int c = 0; c < CPT; ++c) {
+    out[c] = static_cast<scalar_t>(acc[c]);
+  }
+}
+
+// Sums x over aligned runs of `width` lanes (a power of two <= 32); lane 0 of each run gets the
+// total. Every lane of the warp must call it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t run_sum(acc_t x, int width) {
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    x += __shfl_down_sync(0xffffffffu, x, offset, width);
+  }
+  return x;
+}
+
+template <typename scalar_t, int CPT>
+__global__ void __launch_bounds__(kThreads)
+    backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
+                    const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+                    const scalar_t* __restrict__ locations, const scalar_t* __restrict__ weights,
+                    at::opmath_type<scalar_t>* __restrict__ grad_value,
+                    at::opmath_type<scalar_t>* __restrict__ grad_locations,
+                    at::opmath_type<scalar_t>* __restrict__ grad_weights, Geometry g,
+                    int64_t total, int run_width, bool run_is_group) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // Threads past the end stay to the end: they take part in the shuffles with zeros. Whole
+  // channel groups are either all active or all inactive because total is a multiple of the
+  // group size.
+  const bool active = index < total;
+  const int64_t item = active ? index : 0;
+  const int64_t groups = g.channels / CPT;
+  const int64_t channel = (item % groups) * CPT;
+  const int64_t bqh = item / groups;
+  const int64_t h = bqh % g.heads;
+  const int64_t b = bqh / (g.heads * g.queries);
+  const int64_t token_stride = g.heads * g.channels;
+  const int64_t slice = b * g.spatial * token_stride + h * g.channels + channel;
+  const scalar_t* value_bh = value + slice;
+  acc_t* grad_value_bh = grad_value + slice;
+  const bool leader = (threadIdx.x % run_width) == 0;
+
+  acc_t grad_out[CPT];
+#pragma unroll
+  for (int c = 0; c < CPT; ++c) {
+    grad_out[c] = active ? static_cast<acc_t>(grad_output[bqh * g.channels + channel + c])
+                         : acc_t(0);
+  }
+  int64_t sample = bqh * g.levels * g.points;
+  for (int64_t l = 0; l < g.levels; ++l) {
+    const int64_t height = shapes[2 * l];
+    const int64_t width = shapes[2 * l + 1];
+    const int64_t start = starts[l];
+    const bool level_ok = active && level_in_bounds(height, width, start, g.spatial);
+    for (int64_t p = 0; p < g.points; ++p, ++sample) {
+      Corners<acc_t> corners;
+      const bool hit = level_ok && locate_corners(static_cast<acc_t>(locations[2 * sample]),
+                                                  static_cast<acc_t>(locations[2 * sample + 1]),
+                                                  height, width, start, token_stride, corners);
+      SampleGrad<acc_t> grad = {acc_t(0), acc_t(0), acc_t(0)};
+      if (hit) {
+        const acc_t attn = static_cast<acc_t>(weights[sample]);
+        acc_t d[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int64_t offset = corners.offset[k];
+          if (offset >= 0) {
+            const scalar_t* v = value_bh + offset;
+            acc_t* gv = grad_value_bh + offset;
+            const acc_t w = attn * corners.weight[k];
+#pragma unroll
+            for (int c = 0; c < CPT; ++c) {
+              d[k] += grad_out[c] * static_cast<acc_t>(v[c]);
+              gpuAtomicAdd(gv + c, w * grad_out[c]);
+            }
+          }
+        }
+        grad = sample_grad(corners, d, attn, height, width);
+      }
+      grad.attn = run_sum(grad.attn, run_width);
+      grad.x = run_sum(grad.x, run_width);
+      grad.y = run_sum(grad.y, run_width);
+      if (hit && leader) {
+        if (run_is_group) {
+          grad_weights[sample] = grad.attn;
+          grad_locations[2 * sample] = grad.x;
+          grad_locations[2 * sample + 1] = grad.y;
+        } else {
+          gpuAtomicAdd(grad_weights + sample, grad.attn);
+          gpuAtomicAdd(grad_locations + 2 * sample, grad.x);
+          gpuAtomicAdd(grad_locations + 2 * sample + 1, grad.y);
+        }
+      }
+    }
+  }
+}
+
+Geometry geometry_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  return {value.size(0),
+          value.size(1),
+          value.size(2),
+          value.size(3),
+          sampling_locations.size(1),
+          sampling_locations.size(3),
+          sampling_locations.size(4)};
+}
+
+// Channels per thread: the widest of 4, 2, 1 that divides C.
+int channels_per_thread(int64_t channels) {
+  if (channels % 4 == 0) {
+    return 4;
+  }
+  return channels % 2 == 0 ? 2 : 1;
+}
+
+unsigned int blocks_for(int64_t total) {
+  const int64_t blocks = (total + kThreads - 1) / kThreads;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "ms_deform_attn: input too large for one CUDA launch (", total, " threads)");
+  return static_cast<unsigned int>(blocks);
+}
+
+at::Tensor index_on(const at::Tensor& t, const at::Device& device) {
+  return t.to(device, at::kLong).contiguous();
+}
+
+at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                       const at::Tensor& level_start_index,
+                                       const at::Tensor& sampling_locations,
+                                       const at::Tensor& attention_weights) {
+  check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const c10::cuda::CUDAGuard guard(value.device());
+  const Geometry g = geometry_of(value, sampling_locations);
+  const at::Tensor shapes = index_on(spatial_shapes, value.device());
+  const at::Tensor starts = index_on(level_start_index, value.device());
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor locations_c = sampling_locations.contiguous();
+  const at::Tensor weights_c = attention_weights.contiguous();
+  at::Tensor output = at::empty({g.batch, g.queries, g.heads * g.channels}, value.options());
+  const int cpt = channels_per_thread(g.channels);
+  const int64_t total = g.batch * g.queries * g.heads * (g.channels / cpt);
+  if (total == 0) {
+    return output.zero_();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+        const auto launch = [&](auto kernel) {
+          kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+              value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+              starts.const_data_ptr<int64_t>(), locations_c.const_data_ptr<scalar_t>(),
+              weights_c.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g,
+              total);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        switch (cpt) {
+          case 4:
+            launch(forward_kernel<scalar_t, 4>);
+            break;
+          case 2:
+            launch(forward_kernel<scalar_t, 2>);
+            break;
+          default:
+            launch(forward_kernel<scalar_t, 1>);
+            break;
+        }
+      });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights) {
+  check_backward_inputs(grad_output, value, spatial_shapes, level_start_index,
+                        sampling_locations, attention_weights);
+  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
+  const c10::cuda::CUDAGuard guard(value.device());
+  const Geometry g = geometry_of(value, sampling_locations);
+  const at::Tensor shapes = index_on(spatial_shapes, value.device());
+  const at::Tensor starts = index_on(level_start_index, value.device());
+  const at::Tensor grad_output_c = grad_output.contiguous();
+  const at::Tensor value_c = value.contiguous();
+  const at::Tensor locations_c = sampling_locations.contiguous();
+  const at::Tensor weights_c = attention_weights.contiguous();
+  const at::ScalarType dtype = value.scalar_type();
+  const at::ScalarType acc_dtype = at::toOpMathType(dtype);
+  const auto acc_options = value.options().dtype(acc_dtype);
+  at::Tensor grad_value = at::zeros(value.sizes(), acc_options);
+  at::Tensor grad_locations = at::zeros(sampling_locations.sizes(), acc_options);
+  at::Tensor grad_weights = at::zeros(attention_weights.sizes(), acc_options);
+  const int cpt = channels_per_thread(g.channels);
+  const int64_t groups = g.channels / cpt;
+  const int64_t total = g.batch * g.queries * g.heads * groups;
+  if (total > 0) {
+    // The largest power of two <= 32 dividing the group size: runs of that many lanes start at
+    // multiples of it, so they never straddle a group or a warp.
+    int run_width = 1;
+    while (run_width < kWarpSize && groups % (2 * run_width) == 0) {
+      run_width *= 2;
+    }
+    const bool run_is_group = run_width == groups;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, dtype, "ms_deform_attn_backward_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const auto launch = [&](auto kernel) {
+            kernel<<<blocks_for(total), kThreads, 0, stream>>>(
+                grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
+                shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+                locations_c.const_data_ptr<scalar_t>(), weights_c.const_data_ptr<scalar_t>(),
+                grad_value.mutable_data_ptr<acc_t>(), grad_locations.mutable_data_ptr<acc_t>(),
+                grad_weights.mutable_data_ptr<acc_t>(), g, total, run_width, run_is_group);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          };
+          switch (cpt) {
+            case 4:
+              launch(backward_kernel<scalar_t, 4>);
+              break;
+            case 2:
+              launch(backward_kernel<scalar_t, 2>);
+              break;
+            default:
+              launch(backward_kernel<scalar_t, 1>);
+              break;
+          }
+        });
+  }
+  if (acc_dtype != dtype) {
+    return {grad_value.to(dtype), grad_locations.to(dtype), grad_weights.to(dtype)};
+  }
+  return {grad_value, grad_locations, grad_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(deformable_detr, CUDA, m) {
+  m.impl("ms_deform_attn", &ms_deform_attn_forward_cuda);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cuda);
+}
+
+}  // namespace deformable_detr

@@ -1,0 +1,124 @@
+// Operator schemas, input checks and the Python module of the extension ops._C.
+#include "ms_deform_attn.h"
+
+#include <Python.h>
+#include <torch/library.h>
+
+namespace deformable_detr {
+
+namespace {
+
+bool is_index_dtype(at::ScalarType dtype) {
+  return at::isIntegralType(dtype, /*includeBool=*/false);
+}
+
+}  // namespace
+
+void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                  const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                  const at::Tensor& attention_weights) {
+  TORCH_CHECK_VALUE(value.dim() == 4, "value must be (B, S, heads, C), got shape ",
+                    value.sizes());
+  TORCH_CHECK_VALUE(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
+                    "spatial_shapes must be (levels, 2), got shape ", spatial_shapes.sizes());
+  const int64_t levels = spatial_shapes.size(0);
+  TORCH_CHECK_VALUE(level_start_index.dim() == 1 && level_start_index.size(0) == levels,
+                    "level_start_index must be (levels,) = (", levels, ",), got shape ",
+                    level_start_index.sizes());
+  TORCH_CHECK_VALUE(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
+                    "sampling_locations must be (B, Lq, heads, levels, points, 2), got shape ",
+                    sampling_locations.sizes());
+  TORCH_CHECK_VALUE(sampling_locations.size(0) == value.size(0) &&
+                        sampling_locations.size(2) == value.size(2) &&
+                        sampling_locations.size(3) == levels,
+                    "sampling_locations ", sampling_locations.sizes(),
+                    " does not match value (B, S, heads, C) = ", value.sizes(), " and ", levels,
+                    " levels");
+  TORCH_CHECK_VALUE(attention_weights.sizes() == sampling_locations.sizes().slice(0, 5),
+                    "attention_weights must be (B, Lq, heads, levels, points) = ",
+                    sampling_locations.sizes().slice(0, 5), ", got shape ",
+                    attention_weights.sizes());
+  TORCH_CHECK_VALUE(at::isFloatingType(value.scalar_type()),
+                    "value must be floating point, got ", value.scalar_type());
+  TORCH_CHECK_VALUE(sampling_locations.scalar_type() == value.scalar_type() &&
+                        attention_weights.scalar_type() == value.scalar_type(),
+                    "value, sampling_locations and attention_weights must share a dtype, got ",
+                    value.scalar_type(), ", ", sampling_locations.scalar_type(), " and ",
+                    attention_weights.scalar_type());
+  TORCH_CHECK_VALUE(is_index_dtype(spatial_shapes.scalar_type()) &&
+                        is_index_dtype(level_start_index.scalar_type()),
+                    "spatial_shapes and level_start_index must be integer tensors, got ",
+                    spatial_shapes.scalar_type(), " and ", level_start_index.scalar_type());
+  TORCH_CHECK_VALUE(sampling_locations.device() == value.device() &&
+                        attention_weights.device() == value.device(),
+                    "value, sampling_locations and attention_weights must be on one device, got ",
+                    value.device(), ", ", sampling_locations.device(), " and ",
+                    attention_weights.device());
+  for (const at::Tensor* meta : {&spatial_shapes, &level_start_index}) {
+    TORCH_CHECK_VALUE(meta->device() == value.device() || meta->device().is_cpu(),
+                      "spatial_shapes and level_start_index must be on the CPU or on ",
+                      value.device(), ", got ", meta->device());
+  }
+}
+
+void check_backward_inputs(const at::Tensor& grad_output, const at::Tensor& value,
+                           const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                           const at::Tensor& sampling_locations,
+                           const at::Tensor& attention_weights) {
+  check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  TORCH_CHECK_VALUE(grad_output.dim() == 3 && grad_output.size(0) == value.size(0) &&
+                        grad_output.size(1) == sampling_locations.size(1) &&
+                        grad_output.size(2) == value.size(2) * value.size(3),
+                    "grad_output must be (B, Lq, heads * C), got shape ", grad_output.sizes());
+  TORCH_CHECK_VALUE(grad_output.scalar_type() == value.scalar_type() &&
+                        grad_output.device() == value.device(),
+                    "grad_output must match value's dtype and device, got ",
+                    grad_output.scalar_type(), " on ", grad_output.device());
+}
+
+TORCH_LIBRARY(deformable_detr, m) {
+  m.def(
+      "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(deformable_detr, CPU, m) {
+  m.impl("ms_deform_attn", &ms_deform_attn_forward_cpu);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+}
+
+}  // namespace deformable_detr
+
+namespace {
+
+PyModuleDef extension_module = {
+    PyModuleDef_HEAD_INIT,
+    "_C",
+    "Compiled multi-scale deformable attention kernels; importing it registers the "
+    "deformable_detr operators with torch.library.",
+    -1,
+    nullptr,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&extension_module);
+  if (module == nullptr) {
+    return nullptr;
+  }
+#ifdef WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  if (PyModule_AddIntConstant(module, "with_cuda", with_cuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

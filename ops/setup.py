@@ -1,0 +1,129 @@
+"""Builds ``ops._C``, the compiled multi-scale deformable attention kernels.
+
+Run from anywhere; the extension is always placed next to this file::
+
+    python ops/setup.py build_ext --inplace
+
+The CPU kernel is always built. The CUDA kernel is added when the CUDA toolkit is found
+(``CUDA_HOME``, ``CUDA_PATH``, ``/usr/local/cuda`` or ``nvcc`` on ``PATH``) and PyTorch was
+built with CUDA; no GPU is needed. The target architectures come from ``TORCH_CUDA_ARCH_LIST``
+(default ``8.0;9.0``). If the CUDA part fails to compile, the CPU-only extension is built
+instead and the reason is printed. ``MSDA_WITH_CUDA=0`` skips the CUDA part.
+"""
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+OPS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = OPS_DIR.parent
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+
+def find_cuda_home() -> Optional[str]:
+    """The CUDA toolkit directory (with ``bin/nvcc`` and ``include/cuda_runtime.h``), or ``None``."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc_on_path = shutil.which("nvcc")
+    if nvcc_on_path:
+        candidates.append(str(Path(nvcc_on_path).resolve().parent.parent))
+    for candidate in candidates:
+        if (candidate and (Path(candidate) / "bin" / "nvcc").is_file()
+                and (Path(candidate) / "include" / "cuda_runtime.h").is_file()):
+            return candidate
+    return None
+
+
+CUDA_HOME = find_cuda_home()
+if CUDA_HOME is not None:
+    # torch.utils.cpp_extension reads these when it is imported.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+NAME = "ops._C"
+CSRC = Path("ops") / "csrc"
+CPU_SOURCES = [str(CSRC / "ms_deform_attn.cpp"), str(CSRC / "cpu" / "ms_deform_attn_cpu.cpp")]
+CUDA_SOURCES = [str(CSRC / "cuda" / "ms_deform_attn_cuda.cu")]
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+LINK_FLAGS = []
+if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+    # at::parallel_for expands to `#pragma omp parallel` in our own sources: without -fopenmp
+    # the CPU kernel would run on one thread. The resulting libgomp.so.1 dependency resolves
+    # to the copy PyTorch has already loaded.
+    CXX_FLAGS.append("-fopenmp")
+    LINK_FLAGS.append("-fopenmp")
+
+
+def cpu_extension():
+    return CppExtension(NAME, CPU_SOURCES, extra_compile_args={"cxx": CXX_FLAGS},
+                        extra_link_args=LINK_FLAGS)
+
+
+def cuda_extension():
+    return CUDAExtension(
+        NAME,
+        CPU_SOURCES + CUDA_SOURCES,
+        define_macros=[("WITH_CUDA", None)],
+        extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+        extra_link_args=LINK_FLAGS,
+    )
+
+
+def cuda_unavailable_reason() -> Optional[str]:
+    if os.environ.get("MSDA_WITH_CUDA", "1") == "0":
+        return "MSDA_WITH_CUDA=0"
+    if CUDA_HOME is None:
+        return "nvcc not found (set CUDA_HOME)"
+    if torch.version.cuda is None:
+        return f"PyTorch {torch.__version__} was built without CUDA"
+    return None
+
+
+class BuildWithFallback(BuildExtension):
+    """Builds the CUDA extension and, should that fail, the CPU-only one."""
+
+    def build_extensions(self) -> None:
+        try:
+            super().build_extensions()
+        except Exception as exc:  # a compiler error, a toolkit mismatch, ...
+            if not any(source.endswith(".cu") for ext in self.extensions for source in ext.sources):
+                raise
+            print(f"ops/setup.py: building the CUDA kernel failed ({exc}); "
+                  "building the CPU-only extension instead", file=sys.stderr)
+            fallback = cpu_extension()
+            for ext in self.extensions:
+                ext.sources = fallback.sources
+                ext.define_macros = fallback.define_macros
+                ext.library_dirs = fallback.library_dirs
+                ext.libraries = fallback.libraries
+                ext.extra_compile_args = fallback.extra_compile_args
+                ext.extra_link_args = fallback.extra_link_args
+            super().build_extensions()
+
+
+def main() -> None:
+    os.chdir(REPO_ROOT)
+    reason = cuda_unavailable_reason()
+    if reason is None:
+        print(f"ops/setup.py: building CPU and CUDA kernels (CUDA_HOME={CUDA_HOME}, "
+              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
+        extension = cuda_extension()
+    else:
+        print(f"ops/setup.py: building the CPU kernel only: {reason}")
+        extension = cpu_extension()
+    setup(
+        name="deformable_detr_ops",
+        version="0.1.0",
+        description="Multi-scale deformable attention kernels for Deformable DETR",
+        ext_modules=[extension],
+        cmdclass={"build_ext": BuildWithFallback},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""Tests of the multi-scale deformable attention op (``ops``): the compiled kernels against
+independent references, autograd, torch.compile / torch.export, the dispatch rules and input
+validation. CUDA tests are marked ``cuda`` and skip without a GPU."""
+import itertools
+import math
+import warnings
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import pytest
+import torch
+from torch import Tensor
+
+import ops
+from ops import _extension, core
+
+OPS_DIR = Path(ops.__file__).resolve().parent
+EXTENSION_BUILT = any(OPS_DIR.glob("_C*.so")) or any(OPS_DIR.glob("_C*.pyd"))
+needs_extension = pytest.mark.skipif(not EXTENSION_BUILT,
+                                     reason=f"ops._C is not built ({_extension.BUILD_COMMAND})")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+CUDA_BUILT = _extension.unavailable_reason("cuda") is None
+
+Inputs = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def make_inputs(batch: int, queries: int, heads: int, channels: int, shapes: Sequence[Tuple[int, int]],
+                points: int, dtype: torch.dtype = torch.float64, device: str = "cpu",
+                seed: int = 0, spread: float = 0.2, contiguous: bool = True) -> Inputs:
+    """Random inputs; locations fall in ``[-spread, 1 + spread]``, so some lie outside.
+
+    With ``contiguous=False`` value, locations and weights are strided views."""
+    generator = torch.Generator().manual_seed(seed)
+    levels = len(shapes)
+    spatial_shapes = torch.tensor(shapes, dtype=torch.int64).view(levels, 2)
+    sizes = spatial_shapes.prod(1)
+    level_start_index = sizes.cumsum(0) - sizes
+    num_tokens = int(sizes.sum())
+
+    value = torch.randn(batch, num_tokens, heads, channels, generator=generator, dtype=torch.float64)
+    locations = torch.rand(batch, queries, heads, levels, points, 2, generator=generator,
+                           dtype=torch.float64) * (1 + 2 * spread) - spread
+    weights = torch.rand(batch, queries, heads, levels, points, generator=generator, dtype=torch.float64)
+    value, locations, weights = (t.to(device, dtype) for t in (value, locations, weights))
+    if not contiguous:
+        value, locations, weights = (torch.stack([torch.zeros_like(t), t], -1)[..., 1]
+                                     for t in (value, locations, weights))
+    return value, spatial_shapes.to(device), level_start_index.to(device), locations, weights
+
+
+def naive_reference(value: Tensor, spatial_shapes: Tensor, locations: Tensor, weights: Tensor) -> Tensor:
+    """Explicit loops over samples and bilinear corners (no grid_sample); tiny inputs only."""
+    batch, _, heads, channels = value.shape
+    _, queries, _, levels, points, _ = locations.shape
+    out = value.new_zeros(batch, queries, heads, channels)
+    start = 0
+    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        grid = value[:, start:start + height * width].view(batch, height, width, heads, channels)
+        start += height * width
+        for b, q, h, p in itertools.product(range(batch), range(queries), range(heads), range(points)):
+            x = locations[b, q, h, level, p, 0].item() * width - 0.5
+            y = locations[b, q, h, level, p, 1].item() * height - 0.5
+            x0, y0 = math.floor(x), math.floor(y)
+            for xi, yi in ((x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)):
+                if 0 <= xi < width and 0 <= yi < height:
+                    corner_weight = (1 - abs(x - xi)) * (1 - abs(y - yi))
+                    out[b, q, h] += weights[b, q, h, level, p] * corner_weight * grid[b, yi, xi, h]
+    return out.flatten(2)
+
+
+def reference(inputs: Inputs) -> Tensor:
+    """The pure-PyTorch core in float64 on the CPU."""
+    value, spatial_shapes, _, locations, weights = (t.detach().cpu() for t in inputs)
+    return ops.ms_deform_attn_pytorch(value.double(), spatial_shapes, locations.double(), weights.double())
+
+
+def forward_and_grads(fn, inputs: Inputs, grad_output: Tensor) -> List[Tensor]:
+    value, spatial_shapes, level_start_index, locations, weights = (t.detach() for t in inputs)
+    leaves = [t.requires_grad_() for t in (value, locations, weights)]
+    out = fn(value, spatial_shapes, level_start_index, locations, weights)
+    grads = torch.autograd.grad(out, leaves, grad_output.to(out.device, out.dtype))
+    return [out.detach(), *grads]
+
+
+def reference_forward_and_grads(inputs: Inputs, grad_output: Tensor) -> List[Tensor]:
+    def fn(value, spatial_shapes, level_start_index, locations, weights):
+        return ops.ms_deform_attn_pytorch(value, spatial_shapes, locations, weights)
+
+    cpu64 = tuple(t.detach().cpu().double() if t.is_floating_point() else t.cpu() for t in inputs)
+    return forward_and_grads(fn, cpu64, grad_output.cpu().double())
+
+
+def compiled_op(value, spatial_shapes, level_start_index, locations, weights):
+    return torch.ops.deformable_detr.ms_deform_attn(value, spatial_shapes, level_start_index,
+                                                    locations, weights)
+
+
+# (batch, queries, heads, channels, level shapes, points)
+CASES = {
+    "basic": (2, 7, 3, 5, [(6, 8), (3, 4), (1, 1), (2, 3)], 2),
+    "one_level_1x1": (1, 4, 2, 4, [(1, 1)], 3),
+    "zero_queries": (2, 0, 2, 4, [(4, 5), (2, 2)], 2),
+    "batch_65": (65, 2, 1, 2, [(3, 2), (1, 1)], 1),
+    "batch_130": (130, 2, 1, 3, [(2, 3)], 1),
+    "wide_channels": (1, 3, 1, 67, [(5, 3), (2, 2)], 2),
+    "many_points": (1, 5, 2, 8, [(7, 9), (4, 5), (2, 3)], 9),
+}
+
+
+def assert_matches_reference(inputs: Inputs, dtype: torch.dtype, rtol: float, atol: float) -> None:
+    generator = torch.Generator().manual_seed(1)
+    batch, _, heads, channels = inputs[0].shape
+    grad_output = torch.randn(batch, inputs[3].shape[1], heads * channels, generator=generator,
+                              dtype=torch.float64)
+    expected = reference_forward_and_grads(inputs, grad_output)
+    actual = forward_and_grads(compiled_op, inputs, grad_output)
+    for name, got, want in zip(("output", "grad_value", "grad_locations", "grad_weights"), actual, expected):
+        assert got.dtype == dtype, name
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=atol, msg=name)
+
+
+class TestPureReference:
+    def test_matches_naive_loops(self):
+        inputs = make_inputs(2, 3, 2, 3, [(4, 5), (1, 1), (2, 3)], 2, spread=0.4)
+        value, spatial_shapes, _, locations, weights = inputs
+        expected = naive_reference(value, spatial_shapes, locations, weights)
+        torch.testing.assert_close(ops.ms_deform_attn_pytorch(value, spatial_shapes, locations, weights),
+                                   expected)
+
+    def test_token_count_mismatch(self):
+        value, spatial_shapes, _, locations, weights = make_inputs(1, 2, 1, 2, [(2, 2)], 1)
+        with pytest.raises(ValueError, match="tokens"):
+            ops.ms_deform_attn_pytorch(value[:, :3], spatial_shapes, locations, weights)
+
+
+@needs_extension
+class TestCPUKernel:
+    def test_extension_imports(self):
+        assert _extension.unavailable_reason("cpu") is None
+
+    def test_matches_naive_loops(self):
+        inputs = make_inputs(1, 4, 2, 3, [(3, 4), (1, 1)], 3, spread=0.5)
+        value, spatial_shapes, _, locations, weights = inputs
+        expected = naive_reference(value, spatial_shapes, locations, weights)
+        torch.testing.assert_close(compiled_op(*inputs), expected)
+
+    @pytest.mark.parametrize("case", CASES.keys())
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+    def test_matches_reference(self, case, dtype):
+        inputs = make_inputs(*CASES[case], dtype=dtype, seed=len(case))
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        assert_matches_reference(inputs, dtype, rtol=tol, atol=tol)
+
+    def test_non_contiguous_inputs(self):
+        inputs = make_inputs(*CASES["basic"], contiguous=False)
+        assert not inputs[0].is_contiguous() and not inputs[3].is_contiguous()
+        assert_matches_reference(inputs, torch.float64, rtol=1e-10, atol=1e-10)
+
+    def test_far_outside_and_nan_locations_sample_zero(self):
+        value, spatial_shapes, level_start_index, locations, weights = make_inputs(1, 4, 1, 3, [(3, 3)], 1)
+        locations[0, 0] = -5.0
+        locations[0, 1] = 7.0
+        locations[0, 2] = float("nan")
+        out = compiled_op(value, spatial_shapes, level_start_index, locations, weights)
+        assert torch.equal(out[0, :3], torch.zeros_like(out[0, :3]))
+        assert out[0, 3].abs().sum() > 0
+
+    def test_gradcheck(self):
+        inputs = make_inputs(1, 3, 2, 3, [(3, 4), (1, 1), (2, 2)], 2, spread=0.3)
+        value, spatial_shapes, level_start_index, locations, weights = (
+            t.requires_grad_() if t.is_floating_point() else t for t in inputs)
+        assert torch.autograd.gradcheck(
+            lambda v, loc, w: compiled_op(v, spatial_shapes, level_start_index, loc, w),
+            (value, locations, weights), eps=1e-6, atol=1e-5)
+
+    def test_backward_is_deterministic(self):
+        inputs = make_inputs(2, 50, 2, 8, [(4, 4), (2, 2)], 4, dtype=torch.float32)
+        grad_output = torch.randn(2, 50, 16)
+        first = forward_and_grads(compiled_op, inputs, grad_output)
+        second = forward_and_grads(compiled_op, inputs, grad_output)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_reduced_precision_goes_through_float32(self, dtype):
+        inputs = make_inputs(*CASES["basic"], dtype=dtype)
+        assert_matches_reference(inputs, dtype, rtol=2e-2, atol=2e-2)
+        as_float = tuple(t.float() if t.is_floating_point() else t for t in inputs)
+        expected = compiled_op(*as_float).to(dtype)
+        assert torch.equal(ops.ms_deform_attn(*inputs), expected)
+
+    def test_opcheck(self):
+        inputs = make_inputs(2, 3, 2, 4, [(3, 4), (1, 1)], 2)
+        value, spatial_shapes, level_start_index, locations, weights = inputs
+        args = (value.requires_grad_(), spatial_shapes, level_start_index,
+                locations.requires_grad_(), weights.requires_grad_())
+        torch.library.opcheck(torch.ops.deformable_detr.ms_deform_attn.default, args)
+
+    def test_torch_compile_fullgraph(self):
+        inputs = make_inputs(2, 5, 2, 4, [(4, 6), (2, 3)], 2, dtype=torch.float32)
+        grad_output = torch.randn(2, 5, 8)
+
+        def fn(value, spatial_shapes, level_start_index, locations, weights):
+            return ops.ms_deform_attn(value * 2, spatial_shapes, level_start_index, locations,
+                                      weights.softmax(-1)).relu()
+
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+        for got, want in zip(forward_and_grads(compiled, inputs, grad_output),
+                             forward_and_grads(fn, inputs, grad_output)):
+            torch.testing.assert_close(got, want)
+
+    def test_torch_export(self):
+        inputs = make_inputs(1, 3, 2, 4, [(3, 4), (2, 2)], 2, dtype=torch.float32)
+
+        class Core(torch.nn.Module):
+            def forward(self, value, spatial_shapes, level_start_index, locations, weights):
+                return ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+
+        exported = torch.export.export(Core(), inputs)
+        assert "deformable_detr.ms_deform_attn" in str(exported.graph)
+        torch.testing.assert_close(exported.module()(*inputs), compiled_op(*inputs))
+
+    def test_msdeformattn_compiles_fullgraph(self):
+        from models.ms_deform_attn import MSDeformAttn
+
+        torch.manual_seed(0)
+        module = MSDeformAttn(d_model=16, n_levels=2, n_heads=2, n_points=2)
+        shapes = torch.tensor([[4, 6], [2, 3]])
+        sizes = shapes.prod(1)
+        starts = sizes.cumsum(0) - sizes
+        query = torch.randn(2, 5, 16)
+        reference_points = torch.rand(2, 5, 2, 2)
+        values = torch.randn(2, int(sizes.sum()), 16)
+        torch._dynamo.reset()
+        compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+        got = compiled(query, reference_points, values, shapes, starts)
+        want = module(query, reference_points, values, shapes, starts)
+        torch.testing.assert_close(got, want)
+        got.sum().backward()
+        assert module.sampling_offsets.weight.grad is not None
+
+
+class TestDispatch:
+    @pytest.fixture(autouse=True)
+    def _fresh_warnings(self, monkeypatch):
+        monkeypatch.setattr(core, "_warned_reasons", set())
+        monkeypatch.delenv(core.BACKEND_ENV, raising=False)
+
+    def test_missing_extension_falls_back_with_one_warning(self, monkeypatch):
+        monkeypatch.setattr(_extension, "_C", None)
+        inputs = make_inputs(*CASES["basic"])
+        with pytest.warns(UserWarning, match="not built"):
+            out = ops.ms_deform_attn(*inputs)
+        torch.testing.assert_close(out, reference(inputs))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ops.ms_deform_attn(*inputs)
+
+    def test_forced_pytorch(self, monkeypatch):
+        calls = []
+        monkeypatch.setattr(core, "ms_deform_attn_pytorch",
+                            lambda *args: calls.append(1) or ops.ms_deform_attn_pytorch(*args))
+        monkeypatch.setenv(core.BACKEND_ENV, "pytorch")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ops.ms_deform_attn(*make_inputs(*CASES["basic"]))
+        assert calls == [1]
+
+    @needs_extension
+    def test_forced_compiled(self, monkeypatch):
+        calls = []
+        monkeypatch.setattr(core, "ms_deform_attn_pytorch", lambda *args: calls.append(1))
+        monkeypatch.setenv(core.BACKEND_ENV, "compiled")
+        inputs = make_inputs(*CASES["basic"])
+        torch.testing.assert_close(ops.ms_deform_attn(*inputs), reference(inputs))
+        assert calls == []
+
+    def test_forced_compiled_without_extension_raises(self, monkeypatch):
+        monkeypatch.setattr(_extension, "_C", None)
+        monkeypatch.setenv(core.BACKEND_ENV, "compiled")
+        with pytest.raises(RuntimeError, match="not built"):
+            ops.ms_deform_attn(*make_inputs(*CASES["basic"]))
+
+    def test_unknown_backend(self, monkeypatch):
+        monkeypatch.setenv(core.BACKEND_ENV, "fast")
+        with pytest.raises(ValueError, match=core.BACKEND_ENV):
+            ops.ms_deform_attn(*make_inputs(*CASES["basic"]))
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_pytorch_path_reduced_precision(self, monkeypatch, dtype):
+        monkeypatch.setenv(core.BACKEND_ENV, "pytorch")
+        inputs = make_inputs(*CASES["basic"], dtype=dtype)
+        out = ops.ms_deform_attn(*inputs)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), reference(inputs), rtol=2e-2, atol=2e-2)
+
+    def test_unsupported_device_reason(self):
+        assert "meta" in _extension.unavailable_reason("meta")
+
+
+def _bad_inputs():
+    """(description, mutate(inputs) -> inputs, message) for inconsistent inputs."""
+    def replace(index, fn):
+        return lambda inputs: tuple(fn(t) if i == index else t for i, t in enumerate(inputs))
+
+    return [
+        ("value_rank", replace(0, lambda t: t[0]), "value must be"),
+        ("shapes_cols", replace(1, lambda t: t[:, :1]), "spatial_shapes must be"),
+        ("starts_len", replace(2, lambda t: t[:1]), "level_start_index must be"),
+        ("loc_last", replace(3, lambda t: t[..., :1]), "sampling_locations must be"),
+        ("loc_heads", replace(3, lambda t: t[:, :, :1]), "does not match"),
+        ("weights_shape", replace(4, lambda t: t[..., :1]), "attention_weights must be"),
+        ("dtype_mix", replace(4, lambda t: t.float()), "share a dtype"),
+        ("int_value", replace(0, lambda t: t.long()), "floating point"),
+        ("float_shapes", replace(1, lambda t: t.double()), "integer"),
+    ]
+
+
+def _bad_values():
+    """Inputs whose metadata is consistent in shape but not in value."""
+    def set_starts(inputs):
+        starts = inputs[2].clone()
+        starts[1] += 1
+        return inputs[:2] + (starts,) + inputs[3:]
+
+    def drop_token(inputs):
+        return (inputs[0][:, :-1],) + inputs[1:]
+
+    return [("starts", set_starts, "level_start_index"), ("token_count", drop_token, "tokens")]
+
+
+class TestValidation:
+    @pytest.mark.parametrize("backend", ["pytorch", pytest.param("compiled", marks=needs_extension)])
+    @pytest.mark.parametrize("name,mutate,message", _bad_inputs() + _bad_values(),
+                             ids=[c[0] for c in _bad_inputs() + _bad_values()])
+    def test_dispatcher_raises_value_error(self, monkeypatch, backend, name, mutate, message):
+        monkeypatch.setenv(core.BACKEND_ENV, backend)
+        inputs = mutate(make_inputs(*CASES["basic"]))
+        with pytest.raises(ValueError, match=message):
+            ops.ms_deform_attn(*inputs)
+
+    @needs_extension
+    @pytest.mark.parametrize("name,mutate,message", _bad_inputs() + _bad_values(),
+                             ids=[c[0] for c in _bad_inputs() + _bad_values()])
+    def test_op_raises_value_error(self, name, mutate, message):
+        inputs = mutate(make_inputs(*CASES["basic"]))
+        with pytest.raises(ValueError, match=message):
+            compiled_op(*inputs)
+
+    @needs_extension
+    def test_backward_op_checks_grad_output(self):
+        inputs = make_inputs(*CASES["basic"])
+        grad_output = torch.zeros(2, 7, 14, dtype=torch.float64)
+        with pytest.raises(ValueError, match="grad_output"):
+            torch.ops.deformable_detr.ms_deform_attn_backward(grad_output, *inputs)
+
+
+@pytest.mark.cuda
+@needs_cuda
+class TestCUDAKernel:
+    @pytest.fixture(autouse=True)
+    def _needs_cuda_kernel(self):
+        if not CUDA_BUILT:
+            pytest.fail(f"a GPU is visible but {_extension.unavailable_reason('cuda')}")
+
+    @pytest.mark.parametrize("case", CASES.keys())
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+    def test_matches_reference(self, case, dtype):
+        inputs = make_inputs(*CASES[case], dtype=dtype, device="cuda", seed=len(case))
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        assert_matches_reference(inputs, dtype, rtol=tol, atol=tol)
+
+    def test_non_contiguous_inputs(self):
+        inputs = make_inputs(*CASES["basic"], device="cuda", contiguous=False)
+        assert_matches_reference(inputs, torch.float64, rtol=1e-10, atol=1e-10)
+
+    def test_channel_groups_wider_than_a_warp(self):
+        inputs = make_inputs(1, 6, 1, 256, [(5, 7), (2, 3)], 3, device="cuda")
+        assert_matches_reference(inputs, torch.float64, rtol=1e-10, atol=1e-10)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_reduced_precision_close_to_float32(self, dtype):
+        low = make_inputs(*CASES["many_points"], dtype=dtype, device="cuda")
+        # The float32 run sees the same (already rounded) inputs, so a sample never lands on the
+        # other side of a pixel boundary; only the float32 arithmetic and the rounding of the
+        # results differ.
+        as_float = tuple(t.float() if t.is_floating_point() else t for t in low)
+        batch, _, heads, channels = low[0].shape
+        grad_output = torch.randn(batch, low[3].shape[1], heads * channels,
+                                  generator=torch.Generator().manual_seed(2)).to(dtype).float()
+        want = forward_and_grads(compiled_op, as_float, grad_output)
+        got = forward_and_grads(compiled_op, low, grad_output)
+        for name, a, b in zip(("output", "grad_value", "grad_locations", "grad_weights"), got, want):
+            assert a.dtype == dtype, name
+            torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2, msg=name)
+
+    def test_gradcheck(self):
+        inputs = make_inputs(1, 3, 2, 3, [(3, 4), (1, 1), (2, 2)], 2, device="cuda", spread=0.3)
+        value, spatial_shapes, level_start_index, locations, weights = (
+            t.requires_grad_() if t.is_floating_point() else t for t in inputs)
+        assert torch.autograd.gradcheck(
+            lambda v, loc, w: compiled_op(v, spatial_shapes, level_start_index, loc, w),
+            (value, locations, weights), eps=1e-6, atol=1e-5, nondet_tol=1e-12)
+
+    def test_shapes_on_cpu(self):
+        inputs = make_inputs(*CASES["basic"], device="cuda")
+        mixed = (inputs[0], inputs[1].cpu(), inputs[2].cpu(), inputs[3], inputs[4])
+        torch.testing.assert_close(compiled_op(*mixed).cpu(), reference(inputs))
+
+    def test_deterministic_mode_refuses_backward(self):
+        inputs = make_inputs(*CASES["basic"], device="cuda")
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            with pytest.raises(RuntimeError, match="ms_deform_attn_backward_cuda"):
+                forward_and_grads(compiled_op, inputs, torch.ones(2, 7, 15))
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+    @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+    def test_second_device(self):
+        inputs = make_inputs(*CASES["basic"], device="cuda:1")
+        torch.cuda.set_device(0)
+        assert_matches_reference(inputs, torch.float64, rtol=1e-10, atol=1e-10)
+        assert compiled_op(*inputs).device == torch.device("cuda:1")
