@@ -19,7 +19,8 @@ from datasets.samplers import NodeDistributedSampler
 from datasets.transforms import DEFAULT_SCALES
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from models import build_model
-from util.checkpoint import load_checkpoint, load_for_finetuning, save_on_main
+from util.checkpoint import (append_line_on_main, load_checkpoint, load_for_finetuning, load_for_resume,
+                             save_on_main, trim_log_on_main)
 from util.dist import destroy_distributed, init_distributed, is_main_process
 from util.logger import print_main
 from util.misc import collate_fn
@@ -101,11 +102,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda", help="device to use for training / testing")
     parser.add_argument("--seed", default=42, type=int)
     parser.add_argument("--resume", default="", help="resume from checkpoint")
+    parser.add_argument("--auto_resume", action="store_true",
+                        help="resume from output_dir/checkpoint.pth when it exists (for preemptible jobs)")
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--cache_mode", default=False, action="store_true",
                         help="keep the images in memory, each node holding its own share")
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="warn about and skip images that cannot be read, instead of stopping")
 
     # Added by this reimplementation (not in the original).
     parser.add_argument("--finetune", default="", type=str,
@@ -192,13 +197,46 @@ def _epoch_seed(args: argparse.Namespace, epoch: int) -> int:
     return args.seed + args.rank + epoch * args.world_size
 
 
-def main(args: argparse.Namespace) -> None:
-    """Train (or with ``--eval`` only evaluate) as configured by ``args``; see README.md."""
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse flag values and combinations that cannot work, naming the flags, before any work."""
+    positive = ["batch_size", "epochs", "lr_drop", "hidden_dim", "nheads", "enc_layers", "dec_layers",
+                "dim_feedforward", "num_queries", "num_feature_levels", "enc_n_points", "dec_n_points",
+                "num_classes", "val_scale", "max_size", "backbone_width"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("num_workers", "start_epoch", "clip_max_norm", "lr", "lr_backbone", "dropout"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must not be negative, got {getattr(args, name)}")
+    if min(args.train_scales + args.crop_resize_scales + args.crop_size) < 1:
+        raise ValueError("--train_scales, --crop_resize_scales and --crop_size must be positive sizes")
+    if args.crop_size[0] > args.crop_size[1]:
+        raise ValueError(f"--crop_size MIN MAX needs MIN <= MAX, got {args.crop_size}")
+    if args.hidden_dim % args.nheads:
+        raise ValueError(f"--hidden_dim {args.hidden_dim} must be divisible by --nheads {args.nheads}")
+    if args.hidden_dim % 32:
+        raise ValueError(f"--hidden_dim {args.hidden_dim} must be a multiple of 32 (the input projections' "
+                         f"GroupNorm has 32 groups)")
+    if args.num_feature_levels == 2:
+        raise ValueError("--num_feature_levels must be 1 (the last backbone stage) or at least 3 (its last "
+                         "three stages, plus extra levels), got 2")
+    if args.two_stage and not args.with_box_refine:
+        raise ValueError("--two_stage needs --with_box_refine (the original's two-stage variant is "
+                         "'++ two-stage': refinement plus two-stage)")
     if args.resume and args.finetune:
         raise ValueError("--resume and --finetune exclude each other: --resume continues a run, "
                          "--finetune starts a new one from a checkpoint's weights")
+    if args.auto_resume and not args.output_dir:
+        raise ValueError("--auto_resume needs --output_dir (it resumes from output_dir/checkpoint.pth)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device {args.device} but no CUDA device is visible; pass --device cpu")
+
+
+def main(args: argparse.Namespace) -> None:
+    """Train (or with ``--eval`` only evaluate) as configured by ``args``; see README.md."""
+    check_args(args)
+    if args.auto_resume and not args.resume and (Path(args.output_dir) / "checkpoint.pth").is_file():
+        args.resume = str(Path(args.output_dir) / "checkpoint.pth")
     env = init_distributed(torch.device(args.device).type, datetime.timedelta(minutes=args.dist_timeout))
     args.distributed, args.rank, args.world_size = env.distributed, env.rank, env.world_size
     args.gpu = env.local_rank
@@ -249,15 +287,15 @@ def _train_and_evaluate(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
-        missing, unexpected = model_without_ddp.load_state_dict(checkpoint["model"], strict=False)
-        if missing:
-            print_main(f"keys missing from {args.resume}: {missing}")
+        unexpected = load_for_resume(model_without_ddp, checkpoint["model"], args.resume)
         if unexpected:
-            print_main(f"unexpected keys in {args.resume}: {unexpected}")
+            print_main(f"ignored keys of {args.resume} that the model does not have: {unexpected}")
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             args.start_epoch = checkpoint["epoch"] + 1
+            if args.output_dir:
+                trim_log_on_main(output_dir / "log.txt", checkpoint["epoch"])
             if lr_scheduler.step_size != args.lr_drop:
                 print_main(f"note: continuing the saved schedule of {args.resume} (lr drop every "
                            f"{lr_scheduler.step_size} epochs), not --lr_drop {args.lr_drop}")
@@ -282,27 +320,26 @@ def _train_and_evaluate(args: argparse.Namespace) -> None:
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch,
                                       args.clip_max_norm)
         lr_scheduler.step()
-        if args.output_dir:
-            paths = [output_dir / "checkpoint.pth"]
-            # An extra copy before each learning-rate drop and every 5 epochs.
-            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 5 == 0:
-                paths.append(output_dir / f"checkpoint{epoch:04}.pth")
-            checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args}
-            for path in paths:
-                save_on_main(checkpoint, path)
-
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, loader_val, base_ds, device)
+        if not args.output_dir:
+            continue
+        # Evaluation results first, checkpoints last: a run killed in between resumes from the
+        # previous checkpoint, and the resume drops this epoch's log line (see trim_log_on_main).
         log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                      **{f"test_{k}": v for k, v in test_stats.items()},
                      "epoch": epoch, "n_parameters": n_parameters}
-        if args.output_dir and is_main_process():
-            with (output_dir / "log.txt").open("a") as f:
-                f.write(json.dumps(log_stats) + "\n")
-            (output_dir / "eval").mkdir(exist_ok=True)
-            names = ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else [])
-            for name in names:
-                save_on_main(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / name)
+        append_line_on_main(output_dir / "log.txt", json.dumps(log_stats))
+        (output_dir / "eval").mkdir(exist_ok=True)
+        for name in ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else []):
+            save_on_main(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / name)
+        paths = [output_dir / "checkpoint.pth"]
+        # An extra copy before each learning-rate drop and every 5 epochs.
+        if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 5 == 0:
+            paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+        checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                      "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args}
+        for path in paths:
+            save_on_main(checkpoint, path)
 
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print_main(f"Training time {total}")

@@ -15,11 +15,12 @@ def build_dataset(image_set: str, args: Namespace) -> CocoDetection:
     (training; or resized to ``args.crop_resize_scales``, cropped to ``args.crop_size`` and then
     resized) or ``args.val_scale`` (evaluation), with the long side at most ``args.max_size``.
 
-    With ``args.cache_mode`` the encoded images are kept in memory (see :class:`CocoDetection`).
+    With ``args.cache_mode`` the encoded images are kept in memory, and with
+    ``args.skip_bad_images`` unreadable images are skipped (see :class:`CocoDetection`).
     """
     return build_coco(image_set, args.coco_path, cache_mode=args.cache_mode, scales=args.train_scales,
                       val_size=args.val_scale, max_size=args.max_size, crop_resize_sizes=args.crop_resize_scales,
-                      crop_size_range=tuple(args.crop_size))
+                      crop_size_range=tuple(args.crop_size), skip_bad_images=args.skip_bad_images)
 
 
 def get_coco_api_from_dataset(dataset: torch.utils.data.Dataset) -> COCO:

@@ -1,5 +1,8 @@
 """COCO 2017 detection dataset returning ``(image, target)`` pairs ready for the detector."""
+import contextlib
 import io
+import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -61,6 +64,65 @@ def prepare_target(image_size: Tuple[int, int], image_id: int,
     }
 
 
+class BadImageError(RuntimeError):
+    """An image file of the dataset is missing, empty, truncated or not an image."""
+
+
+def _check_annotations(data: Any, ann_file: Path) -> None:
+    """Raise ``ValueError`` naming ``ann_file`` and the culprit if ``data`` is not usable COCO."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{ann_file}: expected a JSON object with 'images' and 'annotations', "
+                         f"got a {type(data).__name__}")
+    missing = [key for key in ("images", "annotations") if key not in data]
+    if missing:
+        raise ValueError(f"{ann_file}: no {' or '.join(repr(k) for k in missing)} list; is this a COCO "
+                         f"instances file?")
+    image_ids = set()
+    for i, image in enumerate(data["images"]):
+        for key in ("id", "file_name"):
+            if key not in image:
+                raise ValueError(f"{ann_file}: images[{i}] has no '{key}'")
+        image_ids.add(image["id"])
+    seen, duplicates = set(), set()
+    for i, ann in enumerate(data["annotations"]):
+        for key in ("id", "image_id", "bbox", "category_id"):
+            if key not in ann:
+                raise ValueError(f"{ann_file}: annotations[{i}] has no '{key}'")
+        if ann["id"] in seen:
+            duplicates.add(ann["id"])
+        seen.add(ann["id"])
+        if ann["image_id"] not in image_ids:
+            raise ValueError(f"{ann_file}: annotation {ann['id']} refers to image {ann['image_id']}, "
+                             f"which is not in 'images'")
+        bbox = ann["bbox"]
+        if len(bbox) != 4:
+            raise ValueError(f"{ann_file}: annotation {ann['id']} (image {ann['image_id']}) has bbox {bbox}; "
+                             f"expected [x, y, width, height]")
+        if bbox[2] < 0 or bbox[3] < 0:
+            raise ValueError(f"{ann_file}: annotation {ann['id']} (image {ann['image_id']}) has a negative "
+                             f"width or height in bbox {bbox}")
+    if duplicates:
+        raise ValueError(f"{ann_file}: annotation ids are not unique: {sorted(duplicates)[:10]} "
+                         f"({len(duplicates)} repeated)")
+
+
+def load_coco_annotations(ann_file: PathLike) -> COCO:
+    """Read and check a COCO ``instances_*.json`` file; errors name the file and the culprit."""
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"COCO annotation file {ann_file} does not exist")
+    try:
+        data = json.loads(ann_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{ann_file} is not valid JSON: {err}") from err
+    _check_annotations(data, ann_file)
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its indexing progress
+        coco.createIndex()
+    return coco
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """COCO detection images and their targets (see :func:`prepare_target`), then ``transforms``.
 
@@ -77,20 +139,21 @@ class CocoDetection(torch.utils.data.Dataset):
             :class:`~datasets.samplers.NodeDistributedSampler`); any other image read is cached on
             first use.
         local_rank, local_size: this process's rank within its node and the processes per node.
+        skip_bad_images: when an image cannot be read, warn and use the next readable one in its
+            place instead of raising :class:`BadImageError`.
     """
 
     def __init__(self, img_folder: PathLike, ann_file: PathLike,
                  transforms: Optional[Callable[[PIL.Image.Image, Target], Tuple[Any, Target]]] = None,
-                 cache_mode: bool = False, local_rank: int = 0, local_size: int = 1):
+                 cache_mode: bool = False, local_rank: int = 0, local_size: int = 1,
+                 skip_bad_images: bool = False):
         self.img_folder = Path(img_folder)
-        ann_file = Path(ann_file)
-        if not ann_file.is_file():
-            raise FileNotFoundError(f"COCO annotation file {ann_file} does not exist")
         if not self.img_folder.is_dir():
             raise FileNotFoundError(f"COCO image folder {self.img_folder} does not exist")
         if not 0 <= local_rank < local_size:
             raise ValueError(f"local_rank {local_rank} is outside [0, local_size={local_size})")
-        self.coco = COCO(str(ann_file))
+        self.coco = load_coco_annotations(ann_file)
+        self.skip_bad_images = skip_bad_images
         self.ids: List[int] = sorted(self.coco.imgs.keys())
         self.transforms = transforms
         self.cache_mode = cache_mode
@@ -100,7 +163,11 @@ class CocoDetection(torch.utils.data.Dataset):
         if cache_mode:
             for index in range(local_rank, len(self.ids), local_size):
                 file_name = self._file_name(index)
-                self.cache[file_name] = self._read_bytes(file_name)
+                try:
+                    self.cache[file_name] = self._read_bytes(file_name)
+                except OSError as err:
+                    if not skip_bad_images:
+                        raise self._bad_image(index, err) from err
 
     def _file_name(self, index: int) -> str:
         return self.coco.imgs[self.ids[index]]["file_name"]
@@ -108,17 +175,37 @@ class CocoDetection(torch.utils.data.Dataset):
     def _read_bytes(self, file_name: str) -> bytes:
         return (self.img_folder / file_name).read_bytes()
 
-    def _load_image(self, file_name: str) -> PIL.Image.Image:
-        if self.cache_mode:
-            if file_name not in self.cache:
-                self.cache[file_name] = self._read_bytes(file_name)
-            return PIL.Image.open(io.BytesIO(self.cache[file_name])).convert("RGB")
-        return PIL.Image.open(self.img_folder / file_name).convert("RGB")
+    def _load_image(self, index: int) -> PIL.Image.Image:
+        file_name = self._file_name(index)
+        try:
+            if self.cache_mode:
+                if file_name not in self.cache:
+                    self.cache[file_name] = self._read_bytes(file_name)
+                return PIL.Image.open(io.BytesIO(self.cache[file_name])).convert("RGB")
+            return PIL.Image.open(self.img_folder / file_name).convert("RGB")
+        except OSError as err:  # missing, empty, truncated or not an image
+            raise self._bad_image(index, err) from err
+
+    def _bad_image(self, index: int, err: Exception) -> BadImageError:
+        return BadImageError(f"cannot read image {self.img_folder / self._file_name(index)} (image id "
+                             f"{self.ids[index]}): {err}; fix or remove it, or pass --skip_bad_images")
+
+    def _load_readable(self, index: int) -> Tuple[int, PIL.Image.Image]:
+        """``(index, image)``; with ``skip_bad_images``, the first readable from ``index`` on."""
+        for attempt in range(len(self.ids)):
+            candidate = (index + attempt) % len(self.ids)
+            try:
+                return candidate, self._load_image(candidate)
+            except BadImageError as err:
+                if not self.skip_bad_images:
+                    raise
+                warnings.warn(f"skipping: {err}", stacklevel=2)
+        raise BadImageError(f"no image under {self.img_folder} can be read")
 
     def __getitem__(self, index: int) -> Tuple[Any, Target]:
+        index, image = self._load_readable(index)
         image_id = self.ids[index]
         annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
-        image = self._load_image(self._file_name(index))
         target = prepare_target(image.size, image_id, annotations)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
@@ -130,8 +217,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
 def build(image_set: str, coco_path: PathLike, cache_mode: bool = False,
           scales: Sequence[int] = DEFAULT_SCALES, val_size: int = 800, max_size: int = 1333,
-          crop_resize_sizes: Sequence[int] = (400, 500, 600), crop_size_range: Tuple[int, int] = (384, 600)
-          ) -> CocoDetection:
+          crop_resize_sizes: Sequence[int] = (400, 500, 600), crop_size_range: Tuple[int, int] = (384, 600),
+          skip_bad_images: bool = False) -> CocoDetection:
     """The ``"train"`` or ``"val"`` split of COCO 2017 under ``coco_path`` with the original's
     transforms; the sizes are those of :func:`~datasets.transforms.make_coco_transforms`
     (defaults the original's).
@@ -143,8 +230,13 @@ def build(image_set: str, coco_path: PathLike, cache_mode: bool = False,
     if image_set not in ("train", "val"):
         raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
     root = Path(coco_path)
-    if not root.exists():
-        raise FileNotFoundError(f"COCO path {root} does not exist")
+    layout = "expected train2017/, val2017/ and annotations/instances_{train,val}2017.json"
+    if not root.is_dir():
+        raise FileNotFoundError(f"--coco_path {root} does not exist ({layout} there)")
+    missing = [name for name in (f"{image_set}2017", f"annotations/instances_{image_set}2017.json")
+               if not (root / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"--coco_path {root} has no {' and no '.join(missing)} ({layout})")
     # Only cache mode needs the node layout (LOCAL_WORLD_SIZE may be unset otherwise).
     local_rank, local_size = (get_local_rank(), get_local_size()) if cache_mode else (0, 1)
     transforms = make_coco_transforms(image_set, scales=scales, max_size=max_size,
@@ -152,4 +244,4 @@ def build(image_set: str, coco_path: PathLike, cache_mode: bool = False,
                                       val_size=val_size)
     return CocoDetection(root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json",
                          transforms=transforms, cache_mode=cache_mode, local_rank=local_rank,
-                         local_size=local_size)
+                         local_size=local_size, skip_bad_images=skip_bad_images)

@@ -1,5 +1,6 @@
 """Checkpoint files: saving on the main process, safe loading, and fine-tuning weight transfer."""
 import argparse
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Union
@@ -12,15 +13,62 @@ from util.dist import is_main_process
 PathLike = Union[str, Path]
 
 
+def _replace_durably(tmp: Path, path: Path) -> None:
+    """Rename the fully written ``tmp`` onto ``path`` and make the rename itself durable."""
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def save_on_main(obj: Any, path: PathLike) -> None:
-    """``torch.save`` from the main process only, through a temporary file renamed into place, so an
-    interrupted save never leaves a truncated checkpoint behind."""
+    """``torch.save`` from the main process only, crash-safe: the data goes to a temporary file in
+    the same folder, is flushed and fsynced, then renamed over ``path``. A process killed at any
+    moment leaves either the old file or the new one, never a truncated one."""
     if not is_main_process():
         return
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _replace_durably(tmp, path)
+
+
+def _write_text_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    _replace_durably(tmp, path)
+
+
+def append_line_on_main(path: PathLike, line: str) -> None:
+    """Append ``line`` (and a newline) to a text file from the main process only, crash-safe like
+    :func:`save_on_main`: the file is rewritten whole to a temporary file and renamed, so it never
+    ends in half a line."""
+    if not is_main_process():
+        return
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    _write_text_durably(path, old + line + "\n")
+
+
+def trim_log_on_main(path: PathLike, last_epoch: int) -> None:
+    """Drop the lines of a ``log.txt`` whose ``epoch`` is after ``last_epoch``: those of an epoch
+    whose checkpoint was never written (the run was killed in between), which a resumed run
+    trains again."""
+    path = Path(path)
+    if not is_main_process() or not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line).get("epoch", -1) <= last_epoch]
+    if len(kept) != len(lines):
+        _write_text_durably(path, "".join(line + "\n" for line in kept))
 
 
 def load_checkpoint(path: PathLike) -> Dict[str, Any]:
@@ -31,8 +79,12 @@ def load_checkpoint(path: PathLike) -> Dict[str, Any]:
     """
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load fails on foreign bytes in many ways (KeyError, EOFError, ...)
+        raise ValueError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save "
+                         f"of tensors and containers): {err}") from err
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise ValueError(f"{path} is not a Deformable DETR checkpoint: expected a dict with a 'model' "
                          f"entry, got {type(checkpoint).__name__}"
@@ -70,3 +122,26 @@ def load_for_finetuning(model: nn.Module, state_dict: Mapping[str, Tensor], sour
     kept = {k: v for k, v in state_dict.items() if k not in dropped}
     model.load_state_dict(kept, strict=False)
     return dropped
+
+
+def load_for_resume(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> List[str]:
+    """Copy ``state_dict`` into ``model`` for resuming or evaluating; returns the keys of
+    ``state_dict`` that the model does not have (ignored, as the original did, e.g. the profiler's
+    ``total_ops``).
+
+    A key of the model missing from the checkpoint, or a shape that differs, raises ``ValueError``
+    listing them: the checkpoint is of another variant or class count, which ``--finetune`` handles.
+    """
+    own = model.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state_dict))
+    if mismatched or missing:
+        problems = [f"shape mismatches {mismatched[:10]}" if mismatched else "",
+                    f"keys missing from the checkpoint {missing[:10]}" if missing else ""]
+        raise ValueError(f"{source} does not fit the model ({'; '.join(p for p in problems if p)}). Check "
+                         "the variant flags (--with_box_refine, --two_stage, --num_feature_levels, ...); to "
+                         "start a new run from its weights with another --num_classes, use --finetune")
+    unexpected = sorted(set(state_dict) - set(own))
+    model.load_state_dict({k: v for k, v in state_dict.items() if k in own})
+    return unexpected
