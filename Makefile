@@ -14,5 +14,5 @@ build: install
 test: build
 	$(PYTHON) -m pytest -q tests
 
-demo: install
-	$(PYTHON) tools/demo_forward.py
+demo: build
+	PYTHON=$(PYTHON) bash tools/run_demo.sh

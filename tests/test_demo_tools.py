@@ -321,3 +321,19 @@ def test_benchmark_prints_fps(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "images/s" in line]
     assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 4"]
     assert all(float(line.split()[2]) > 0 for line in lines)
+
+
+def test_infer_draw_scale_enlarges_picture_and_boxes(checkpoints, wide_image, tmp_path, capsys):
+    common = ["--resume", str(checkpoints["plain"]), str(wide_image), "--threshold", "0", "--top_k", "1"]
+    infer.main(common + ["--out_dir", str(tmp_path / "x1")])
+    infer.main(common + ["--out_dir", str(tmp_path / "x3"), "--draw_scale", "3"])
+    with Image.open(wide_image) as original, Image.open(tmp_path / "x3" / f"{wide_image.stem}_det.png") as big:
+        assert big.size == (original.width * 3, original.height * 3)
+        big = np.asarray(big.convert("RGB")).astype(int)
+        plain = np.asarray(original.convert("RGB").resize(big.shape[1::-1], Image.BICUBIC)).astype(int)
+    (fields,) = _parse_detections(capsys.readouterr().out)[:1]
+    x0, y0, x1, y1 = (float(v) * 3 for v in fields[2:])
+    # the box outline is drawn at three times the printed (original-pixel) coordinates
+    row = round((y0 + y1) / 2)
+    assert (big[row, round(x1)] != plain[row, round(x1)]).any()
+    assert (big[row, round((x0 + x1) / 2)] == plain[row, round((x0 + x1) / 2)]).all()

@@ -193,26 +193,31 @@ def _ramp(t: float) -> Tuple[int, int, int]:
 
 
 def draw_detections(image: Image.Image, detections: Sequence[Detection], names: Dict[int, str],
-                    points: Optional[Sequence[Tuple[Tensor, Tensor]]] = None) -> Image.Image:
+                    points: Optional[Sequence[Tuple[Tensor, Tensor]]] = None, scale: float = 1.0) -> Image.Image:
     """A copy of ``image`` with each detection's box and ``name score`` label, and, when given,
     per detection ``(xy (N, 2) original-image pixels, weights (N,))`` sampling points (those
-    outside the image are clipped away by the drawing)."""
+    outside the image are clipped away by the drawing). With ``scale`` the picture is the image
+    enlarged by that factor (for small images, so that labels stay legible)."""
     canvas = image.convert("RGB")
+    if scale != 1.0:
+        canvas = canvas.resize((round(canvas.width * scale), round(canvas.height * scale)), Image.BICUBIC)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     width = max(1, round(min(canvas.size) / 250))
     for k, det in enumerate(detections):
         colour = PALETTE[det.label % len(PALETTE)]
-        draw.rectangle(det.box, outline=colour, width=width)
+        box = [v * scale for v in det.box]
+        draw.rectangle(box, outline=colour, width=width)
         text = f"{names.get(det.label, det.label)} {det.score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        x0, y0 = det.box[0], det.box[1] - (bottom - top) - 2
+        x0, y0 = box[0], box[1] - (bottom - top) - 2
         if y0 < 0:  # no room above the box: label inside its top edge
-            y0 = det.box[1] + width
+            y0 = box[1] + width
         draw.rectangle([x0, y0, x0 + right - left + 2, y0 + bottom - top + 2], fill=colour)
         draw.text((x0 + 1 - left, y0 + 1 - top), text, fill=(0, 0, 0), font=font)
         if points is not None and k < len(points):
             xy, weights = points[k]
+            xy = xy * scale
             radius = max(1.5, min(canvas.size) / 200)
             relative = weights / weights.max()
             # low weights first, so the strongest points end up on top
@@ -271,9 +276,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="also draw the last decoder layer's sampling points of the best detections")
     parser.add_argument("--num_sampling_dets", default=3, type=int,
                         help="with --show_sampling_points: how many of the best detections get their points")
+    parser.add_argument("--draw_scale", default=1.0, type=float,
+                        help="draw on the image enlarged by this factor (for small images)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top_k must be >= 1, got {args.top_k}")
+    if args.draw_scale <= 0:
+        parser.error(f"--draw_scale must be positive, got {args.draw_scale}")
     if args.num_sampling_dets < 0:
         parser.error(f"--num_sampling_dets must be >= 0, got {args.num_sampling_dets}")
     device = torch.device(args.device)
@@ -290,7 +299,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         image, detections, points = infer_image(model, train_args, path, device, args.threshold, args.top_k,
                                                 num_sampling_dets)
         out = out_dir / f"{path.stem}_det.png"
-        draw_detections(image, detections, names, points if args.show_sampling_points else None).save(out)
+        draw_detections(image, detections, names, points if args.show_sampling_points else None,
+                        args.draw_scale).save(out)
         print(f"# {path}: {len(detections)} detections above {args.threshold} -> {out}")
         for det in detections:
             name = "_".join(str(names.get(det.label, det.label)).split())
