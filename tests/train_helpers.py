@@ -2,18 +2,13 @@
 import argparse
 import os
 import socket
-import sys
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-if str(REPO / "tools") not in sys.path:
-    sys.path.insert(0, str(REPO / "tools"))
+from main import get_args_parser
+from tools.make_tiny_coco import make_tiny_coco
 
-from main import get_args_parser  # noqa: E402
-from make_tiny_coco import make_tiny_coco  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # The tiny COCO's category ids go up to 7, so 8 classifier outputs.
 NUM_CLASSES = 8
