@@ -41,9 +41,11 @@ def free_port() -> int:
 
 
 def subprocess_env(**extra: str) -> Dict[str, str]:
-    """The current environment without any launcher variables, so a child runs as one process."""
+    """The current environment without any launcher variables, so a child runs as one process,
+    and with the repository on ``PYTHONPATH``, so a child script finds its modules."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                         "MASTER_PORT") and not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
