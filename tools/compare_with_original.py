@@ -25,17 +25,23 @@ import argparse
 import sys
 import types
 from pathlib import Path
+from typing import List
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {
-    "r50_deformable_detr": [],
-    "r50_deformable_detr_single_scale": ["--num_feature_levels", "1"],
-    "r50_deformable_detr_single_scale_dc5": ["--num_feature_levels", "1", "--dilation"],
-    "r50_deformable_detr_plus_iterative_bbox_refinement": ["--with_box_refine"],
-    "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage": ["--with_box_refine", "--two_stage"],
-}
+CONFIGS = ROOT / "configs"
+
+
+def variant_flags(name: str) -> List[str]:
+    """The main.py flags of ``configs/<name>.sh``: those between its ``--output_dir`` and the
+    pass-through arguments."""
+    text = (CONFIGS / f"{name}.sh").read_text()
+    words = text[text.index("main.py"):].replace("\\\n", " ").split()
+    return words[words.index("--output_dir") + 2:words.index('"${PY_ARGS[@]}"')]
+
+
+VARIANTS = sorted(p.stem for p in CONFIGS.glob("r50_*.sh"))
 PACKAGES = ("models", "util", "datasets", "main", "engine", "ops")
 
 
@@ -155,7 +161,7 @@ def run_variant(flags, build_original, build_ours, parse, seed: int, dtype: torc
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--original", required=True, type=Path, help="checkout of fundamentalvision/Deformable-DETR")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
@@ -171,7 +177,7 @@ def main() -> int:
 
     worst = 0.0
     for name in cli.variants:
-        errors = run_variant(VARIANTS[name], build_original, build_model,
+        errors = run_variant(variant_flags(name), build_original, build_model,
                              our_main.get_args_parser().parse_args, cli.seed, getattr(torch, cli.dtype))
         worst = max(worst, *errors.values())
         print(f"{name:75s} " + "  ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
