@@ -120,6 +120,30 @@ def assert_matches_reference(inputs: Inputs, dtype: torch.dtype, rtol: float, at
         torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=atol, msg=name)
 
 
+def misaligned(t: Tensor) -> Tensor:
+    """A contiguous copy of ``t`` whose data starts one element past an aligned address."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    shifted = buffer[1:].view(t.shape)
+    shifted.copy_(t)
+    return shifted
+
+
+def assert_misaligned_matches_reference(device: str, dtype: torch.dtype, tol: float) -> None:
+    """value and grad_output one element off alignment: no vector load may assume alignment."""
+    inputs = make_inputs(2, 5, 2, 8, [(6, 5), (3, 3)], 2, dtype=dtype, device=device)
+    grad_output = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(3),
+                              dtype=torch.float64)
+    expected = reference_forward_and_grads(inputs, grad_output)
+    value = misaligned(inputs[0])
+    grad = misaligned(grad_output.to(device, dtype))
+    assert value.is_contiguous() and value.data_ptr() % (2 * value.element_size()) != 0
+    output = compiled_op(value, *inputs[1:])
+    grads = torch.ops.deformable_detr.ms_deform_attn_backward(grad, value, *inputs[1:])
+    for name, got, want in zip(("output", "grad_value", "grad_locations", "grad_weights"),
+                               (output, *grads), expected):
+        torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol, msg=name)
+
+
 class TestPureReference:
     def test_matches_naive_loops(self):
         inputs = make_inputs(2, 3, 2, 3, [(4, 5), (1, 1), (2, 3)], 2, spread=0.4)
@@ -156,6 +180,9 @@ class TestCPUKernel:
         inputs = make_inputs(*CASES["basic"], contiguous=False)
         assert not inputs[0].is_contiguous() and not inputs[3].is_contiguous()
         assert_matches_reference(inputs, torch.float64, rtol=1e-10, atol=1e-10)
+
+    def test_misaligned_inputs(self):
+        assert_misaligned_matches_reference("cpu", torch.float32, tol=1e-4)
 
     def test_far_outside_and_nan_locations_sample_zero(self):
         value, spatial_shapes, level_start_index, locations, weights = make_inputs(1, 4, 1, 3, [(3, 3)], 1)
@@ -379,6 +406,18 @@ class TestCUDAKernel:
     def test_channel_groups_wider_than_a_warp(self):
         inputs = make_inputs(1, 6, 1, 256, [(5, 7), (2, 3)], 3, device="cuda")
         assert_matches_reference(inputs, torch.float64, rtol=1e-10, atol=1e-10)
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+    def test_model_shape(self, dtype):
+        # 8 heads of 32 channels: the vector-load widths the model runs with.
+        inputs = make_inputs(2, 40, 8, 32, [(12, 15), (6, 8), (3, 4), (2, 2)], 4, dtype=dtype,
+                             device="cuda")
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        assert_matches_reference(inputs, dtype, rtol=tol, atol=tol)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    def test_misaligned_inputs(self, dtype):
+        assert_misaligned_matches_reference("cuda", dtype, tol=1e-4 if dtype == torch.float32 else 3e-2)
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_reduced_precision_close_to_float32(self, dtype):

@@ -1,9 +1,10 @@
 // CUDA forward and backward of the multi-scale deformable attention sampling core.
 //
-// One thread handles CPT consecutive channels of one (batch, query, head); the C / CPT threads
-// of a (batch, query, head) are consecutive, so they share a warp whenever C / CPT <= 32. All
-// arithmetic is done in at::opmath_type (float for half and bfloat16), gradients are
-// accumulated in buffers of that type, and every index is 64-bit.
+// One thread handles CPT consecutive channels of one (batch, query, head), moved with one vector
+// load or store of CPT elements (up to 16 bytes) whenever value, grad_output and output are
+// aligned for it; the C / CPT threads of a (batch, query, head) are consecutive, so they share a
+// warp whenever C / CPT <= 32. All arithmetic is done in at::opmath_type (float for half and
+// bfloat16), gradients are accumulated in buffers of that type, and every index is 64-bit.
 //
 // Backward scatters into grad_value with atomicAdd. The location and weight gradients are summed
 // over the channel threads of a sample with warp shuffles: over the whole group when it fits in
@@ -23,7 +24,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 namespace deformable_detr {
 
@@ -31,6 +36,20 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
+
+// Bytes moved by the widest vector load or store.
+constexpr int kMaxVectorBytes = 16;
+
+// N consecutive elements, aligned so that the compiler moves them with one vector instruction.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* ptr) {
+  return *reinterpret_cast<const Pack<T, N>*>(ptr);
+}
 
 struct Geometry {
   int64_t batch;
@@ -87,20 +106,21 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < 4; ++k) {
         if (corners.offset[k] >= 0) {
           const acc_t w = attn * corners.weight[k];
-          const scalar_t* v = value_bh + corners.offset[k];
+          const Pack<scalar_t, CPT> v = load_pack<CPT>(value_bh + corners.offset[k]);
 #pragma unroll
           for (int c = 0; c < CPT; ++c) {
-            acc[c] += w * static_cast<acc_t>(v[c]);
+            acc[c] += w * static_cast<acc_t>(v.v[c]);
           }
         }
       }
     }
   }
-  scalar_t* out = output + bqh * g.channels + channel;
+  Pack<scalar_t, CPT> out;
 #pragma unroll
   for (int c = 0; c < CPT; ++c) {
-    out[c] = static_cast<scalar_t>(acc[c]);
+    out.v[c] = static_cast<scalar_t>(acc[c]);
   }
+  *reinterpret_cast<Pack<scalar_t, CPT>*>(output + bqh * g.channels + channel) = out;
 }
 
 // Sums x over aligned runs of `width` lanes (a power of two <= 32); lane 0 of each run gets the
@@ -141,10 +161,12 @@ __global__ void __launch_bounds__(kThreads)
   const bool leader = (threadIdx.x % run_width) == 0;
 
   acc_t grad_out[CPT];
+  {
+    const Pack<scalar_t, CPT> packed = load_pack<CPT>(grad_output + bqh * g.channels + channel);
 #pragma unroll
-  for (int c = 0; c < CPT; ++c) {
-    grad_out[c] = active ? static_cast<acc_t>(grad_output[bqh * g.channels + channel + c])
-                         : acc_t(0);
+    for (int c = 0; c < CPT; ++c) {
+      grad_out[c] = active ? static_cast<acc_t>(packed.v[c]) : acc_t(0);
+    }
   }
   int64_t sample = bqh * g.levels * g.points;
   for (int64_t l = 0; l < g.levels; ++l) {
@@ -165,12 +187,12 @@ __global__ void __launch_bounds__(kThreads)
         for (int k = 0; k < 4; ++k) {
           const int64_t offset = corners.offset[k];
           if (offset >= 0) {
-            const scalar_t* v = value_bh + offset;
+            const Pack<scalar_t, CPT> v = load_pack<CPT>(value_bh + offset);
             acc_t* gv = grad_value_bh + offset;
             const acc_t w = attn * corners.weight[k];
 #pragma unroll
             for (int c = 0; c < CPT; ++c) {
-              d[k] += grad_out[c] * static_cast<acc_t>(v[c]);
+              d[k] += grad_out[c] * static_cast<acc_t>(v.v[c]);
               gpuAtomicAdd(gv + c, w * grad_out[c]);
             }
           }
@@ -205,12 +227,53 @@ Geometry geometry_of(const at::Tensor& value, const at::Tensor& sampling_locatio
           sampling_locations.size(4)};
 }
 
-// Channels per thread: the widest of 4, 2, 1 that divides C.
-int channels_per_thread(int64_t channels) {
-  if (channels % 4 == 0) {
-    return 4;
+// Channels per thread: the most (8, 4, 2 or 1) that fit one vector of kMaxVectorBytes, divide C,
+// and keep every pointer in `aligned` aligned for a vector of that many elements.
+int channels_per_thread(int64_t channels, int64_t element_size,
+                        std::initializer_list<const void*> aligned) {
+  int cpt = static_cast<int>(std::min<int64_t>(8, kMaxVectorBytes / element_size));
+  const auto fits = [&](int n) {
+    if (channels % n != 0) {
+      return false;
+    }
+    for (const void* ptr : aligned) {
+      if (reinterpret_cast<std::uintptr_t>(ptr) % (n * element_size) != 0) {
+        return false;
+      }
+    }
+    return true;
+  };
+  while (cpt > 1 && !fits(cpt)) {
+    cpt /= 2;
   }
-  return channels % 2 == 0 ? 2 : 1;
+  return cpt;
+}
+
+// Calls launch(std::integral_constant<int, CPT>{}) for cpt, instantiating only the widths whose
+// vector fits kMaxVectorBytes for scalar_t.
+template <typename scalar_t, typename Launch>
+void with_channels_per_thread(int cpt, const Launch& launch) {
+  switch (cpt) {
+    case 8:
+      if constexpr (sizeof(scalar_t) * 8 <= kMaxVectorBytes) {
+        launch(std::integral_constant<int, 8>{});
+        return;
+      }
+      break;
+    case 4:
+      if constexpr (sizeof(scalar_t) * 4 <= kMaxVectorBytes) {
+        launch(std::integral_constant<int, 4>{});
+        return;
+      }
+      break;
+    case 2:
+      launch(std::integral_constant<int, 2>{});
+      return;
+    case 1:
+      launch(std::integral_constant<int, 1>{});
+      return;
+  }
+  TORCH_CHECK(false, "ms_deform_attn: no kernel for ", cpt, " channels per thread");
 }
 
 unsigned int blocks_for(int64_t total) {
@@ -237,7 +300,8 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   const at::Tensor locations_c = sampling_locations.contiguous();
   const at::Tensor weights_c = attention_weights.contiguous();
   at::Tensor output = at::empty({g.batch, g.queries, g.heads * g.channels}, value.options());
-  const int cpt = channels_per_thread(g.channels);
+  const int cpt = channels_per_thread(g.channels, static_cast<int64_t>(value.element_size()),
+                                      {value_c.const_data_ptr(), output.const_data_ptr()});
   const int64_t total = g.batch * g.queries * g.heads * (g.channels / cpt);
   if (total == 0) {
     return output.zero_();
@@ -245,25 +309,15 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
-        const auto launch = [&](auto kernel) {
-          kernel<<<blocks_for(total), kThreads, 0, stream>>>(
-              value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-              starts.const_data_ptr<int64_t>(), locations_c.const_data_ptr<scalar_t>(),
-              weights_c.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g,
-              total);
+        with_channels_per_thread<scalar_t>(cpt, [&](auto width) {
+          forward_kernel<scalar_t, decltype(width)::value>
+              <<<blocks_for(total), kThreads, 0, stream>>>(
+                  value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+                  starts.const_data_ptr<int64_t>(), locations_c.const_data_ptr<scalar_t>(),
+                  weights_c.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g,
+                  total);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-        };
-        switch (cpt) {
-          case 4:
-            launch(forward_kernel<scalar_t, 4>);
-            break;
-          case 2:
-            launch(forward_kernel<scalar_t, 2>);
-            break;
-          default:
-            launch(forward_kernel<scalar_t, 1>);
-            break;
-        }
+        });
       });
   return output;
 }
@@ -289,7 +343,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   at::Tensor grad_value = at::zeros(value.sizes(), acc_options);
   at::Tensor grad_locations = at::zeros(sampling_locations.sizes(), acc_options);
   at::Tensor grad_weights = at::zeros(attention_weights.sizes(), acc_options);
-  const int cpt = channels_per_thread(g.channels);
+  const int cpt = channels_per_thread(g.channels, static_cast<int64_t>(value.element_size()),
+                                      {value_c.const_data_ptr(), grad_output_c.const_data_ptr()});
   const int64_t groups = g.channels / cpt;
   const int64_t total = g.batch * g.queries * g.heads * groups;
   if (total > 0) {
@@ -304,26 +359,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, dtype, "ms_deform_attn_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          const auto launch = [&](auto kernel) {
-            kernel<<<blocks_for(total), kThreads, 0, stream>>>(
-                grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
-                shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-                locations_c.const_data_ptr<scalar_t>(), weights_c.const_data_ptr<scalar_t>(),
-                grad_value.mutable_data_ptr<acc_t>(), grad_locations.mutable_data_ptr<acc_t>(),
-                grad_weights.mutable_data_ptr<acc_t>(), g, total, run_width, run_is_group);
+          with_channels_per_thread<scalar_t>(cpt, [&](auto width) {
+            backward_kernel<scalar_t, decltype(width)::value>
+                <<<blocks_for(total), kThreads, 0, stream>>>(
+                    grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
+                    shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+                    locations_c.const_data_ptr<scalar_t>(), weights_c.const_data_ptr<scalar_t>(),
+                    grad_value.mutable_data_ptr<acc_t>(),
+                    grad_locations.mutable_data_ptr<acc_t>(),
+                    grad_weights.mutable_data_ptr<acc_t>(), g, total, run_width, run_is_group);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
-          };
-          switch (cpt) {
-            case 4:
-              launch(backward_kernel<scalar_t, 4>);
-              break;
-            case 2:
-              launch(backward_kernel<scalar_t, 2>);
-              break;
-            default:
-              launch(backward_kernel<scalar_t, 1>);
-              break;
-          }
+          });
         });
   }
   if (acc_dtype != dtype) {
