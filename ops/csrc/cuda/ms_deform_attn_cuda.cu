@@ -6,7 +6,7 @@
 // warp whenever C / CPT <= 32. All arithmetic is done in at::opmath_type (float for half and
 // bfloat16), gradients are accumulated in buffers of that type, and every index is 64-bit.
 //
-// Backward scatters into grad_value with atomicAdd. The location and weight gradients are summed
+// Backward scatters into grad_value with atomicAdd (vector atomics for float on sm_90). The location and weight gradients are summed
 // over the channel threads of a sample with warp shuffles: over the whole group when it fits in
 // an aligned run of lanes (then stored directly), otherwise over the largest aligned run and
 // added atomically.
@@ -49,6 +49,35 @@ struct alignas(sizeof(T) * N) Pack {
 template <int N, typename T>
 __device__ __forceinline__ Pack<T, N> load_pack(const T* ptr) {
   return *reinterpret_cast<const Pack<T, N>*>(ptr);
+}
+
+// Adds w * grad[c] to dst[c] for the CPT channels of one thread. On sm_90 and newer, float sums
+// use the 16- and 8-byte vector atomics: dst points into grad_value, a fresh allocation, at an
+// offset that is a multiple of CPT, so it is aligned for them. Elsewhere one atomic per channel.
+template <int CPT, typename acc_t>
+__device__ __forceinline__ void atomic_add_scaled(acc_t* dst, acc_t w, const acc_t (&grad)[CPT]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr bool vector_atomics = std::is_same_v<acc_t, float>;
+#else
+  constexpr bool vector_atomics = false;
+#endif
+  if constexpr (vector_atomics && CPT % 4 == 0) {
+#pragma unroll
+    for (int c = 0; c < CPT; c += 4) {
+      atomicAdd(reinterpret_cast<float4*>(dst + c),
+                make_float4(w * grad[c], w * grad[c + 1], w * grad[c + 2], w * grad[c + 3]));
+    }
+  } else if constexpr (vector_atomics && CPT % 2 == 0) {
+#pragma unroll
+    for (int c = 0; c < CPT; c += 2) {
+      atomicAdd(reinterpret_cast<float2*>(dst + c), make_float2(w * grad[c], w * grad[c + 1]));
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      gpuAtomicAdd(dst + c, w * grad[c]);
+    }
+  }
 }
 
 struct Geometry {
@@ -188,13 +217,11 @@ __global__ void __launch_bounds__(kThreads)
           const int64_t offset = corners.offset[k];
           if (offset >= 0) {
             const Pack<scalar_t, CPT> v = load_pack<CPT>(value_bh + offset);
-            acc_t* gv = grad_value_bh + offset;
-            const acc_t w = attn * corners.weight[k];
 #pragma unroll
             for (int c = 0; c < CPT; ++c) {
               d[k] += grad_out[c] * static_cast<acc_t>(v.v[c]);
-              gpuAtomicAdd(gv + c, w * grad_out[c]);
             }
+            atomic_add_scaled<CPT>(grad_value_bh + offset, attn * corners.weight[k], grad_out);
           }
         }
         grad = sample_grad(corners, d, attn, height, width);
