@@ -1,11 +1,12 @@
 """Tests of the multi-scale deformable attention op (``ops``): the compiled kernels against
 independent references, autograd, torch.compile / torch.export, the dispatch rules and input
 validation. CUDA tests are marked ``cuda`` and skip without a GPU."""
+import contextlib
 import itertools
 import math
 import warnings
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import pytest
 import torch
@@ -118,6 +119,16 @@ def assert_matches_reference(inputs: Inputs, dtype: torch.dtype, rtol: float, at
         assert got.dtype == dtype, name
         assert got.shape == want.shape, name
         torch.testing.assert_close(got.cpu().double(), want, rtol=rtol, atol=atol, msg=name)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def misaligned(t: Tensor) -> Tensor:
@@ -448,15 +459,29 @@ class TestCUDAKernel:
         mixed = (inputs[0], inputs[1].cpu(), inputs[2].cpu(), inputs[3], inputs[4])
         torch.testing.assert_close(compiled_op(*mixed).cpu(), reference(inputs))
 
-    def test_deterministic_mode_refuses_backward(self):
-        inputs = make_inputs(*CASES["basic"], device="cuda")
-        previous = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True)
-        try:
-            with pytest.raises(RuntimeError, match="ms_deform_attn_backward_cuda"):
-                forward_and_grads(compiled_op, inputs, torch.ones(2, 7, 15))
-        finally:
-            torch.use_deterministic_algorithms(previous)
+    @pytest.mark.parametrize("queries", [7, 8000])
+    def test_deterministic_mode(self, queries):
+        # 8000 queries of 8 heads x 16 samples x 32 float32 channels list about 550 MB of corner
+        # contributions: the deterministic backward runs in three chunks.
+        inputs = make_inputs(1, queries, 8, 32, [(12, 15), (6, 8), (3, 4), (2, 2)], 4,
+                             dtype=torch.float32, device="cuda")
+        grad_output = torch.randn(1, queries, 256, generator=torch.Generator().manual_seed(4),
+                                  dtype=torch.float64)
+        with deterministic_algorithms():
+            first = forward_and_grads(compiled_op, inputs, grad_output)
+            second = forward_and_grads(compiled_op, inputs, grad_output)
+        for name, a, b in zip(("output", "grad_value", "grad_locations", "grad_weights"), first, second):
+            assert torch.equal(a, b), name
+        expected = reference_forward_and_grads(inputs, grad_output)
+        for name, got, want in zip(("output", "grad_value", "grad_locations", "grad_weights"),
+                                   first, expected):
+            torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-4, msg=name)
+
+    def test_deterministic_mode_refuses_channel_groups_wider_than_a_warp(self):
+        inputs = make_inputs(1, 6, 1, 256, [(5, 7), (2, 3)], 3, device="cuda")
+        with deterministic_algorithms(), pytest.raises(RuntimeError,
+                                                       match="ms_deform_attn_backward_cuda"):
+            forward_and_grads(compiled_op, inputs, torch.ones(1, 6, 256))
 
     @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
     def test_second_device(self):

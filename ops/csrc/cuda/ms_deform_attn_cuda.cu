@@ -6,10 +6,15 @@
 // warp whenever C / CPT <= 32. All arithmetic is done in at::opmath_type (float for half and
 // bfloat16), gradients are accumulated in buffers of that type, and every index is 64-bit.
 //
-// Backward scatters into grad_value with atomicAdd (vector atomics for float on sm_90). The location and weight gradients are summed
-// over the channel threads of a sample with warp shuffles: over the whole group when it fits in
-// an aligned run of lanes (then stored directly), otherwise over the largest aligned run and
-// added atomically.
+// Backward scatters into grad_value with atomicAdd (vector atomics for float on sm_90). The
+// location and weight gradients are summed over the channel threads of a sample with warp
+// shuffles: over the whole group when it fits in an aligned run of lanes (then stored directly),
+// otherwise over the largest aligned run and added atomically.
+//
+// Under torch.use_deterministic_algorithms(True) the backward does not scatter: a second kernel
+// lists, chunk by chunk of queries, every corner's grad_value row and contribution, and
+// index_add_, deterministic in that mode, sums them in a fixed order. The location and weight
+// gradients are then deterministic too unless a channel group spans more than one run.
 #include "../ms_deform_attn.h"
 #include "../sampling.h"
 
@@ -18,6 +23,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_add.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -170,7 +176,7 @@ __global__ void __launch_bounds__(kThreads)
                     at::opmath_type<scalar_t>* __restrict__ grad_value,
                     at::opmath_type<scalar_t>* __restrict__ grad_locations,
                     at::opmath_type<scalar_t>* __restrict__ grad_weights, Geometry g,
-                    int64_t total, int run_width, bool run_is_group) {
+                    int64_t total, int run_width, bool run_is_group, bool scatter) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   // Threads past the end stay to the end: they take part in the shuffles with zeros. Whole
@@ -186,7 +192,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t token_stride = g.heads * g.channels;
   const int64_t slice = b * g.spatial * token_stride + h * g.channels + channel;
   const scalar_t* value_bh = value + slice;
-  acc_t* grad_value_bh = grad_value + slice;
+  acc_t* grad_value_bh = scatter ? grad_value + slice : nullptr;
   const bool leader = (threadIdx.x % run_width) == 0;
 
   acc_t grad_out[CPT];
@@ -221,7 +227,9 @@ __global__ void __launch_bounds__(kThreads)
             for (int c = 0; c < CPT; ++c) {
               d[k] += grad_out[c] * static_cast<acc_t>(v.v[c]);
             }
-            atomic_add_scaled<CPT>(grad_value_bh + offset, attn * corners.weight[k], grad_out);
+            if (scatter) {
+              atomic_add_scaled<CPT>(grad_value_bh + offset, attn * corners.weight[k], grad_out);
+            }
           }
         }
         grad = sample_grad(corners, d, attn, height, width);
@@ -243,6 +251,77 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 }
+
+// Deterministic mode: for the queries [q_begin, q_begin + chunk_queries), lists what backward
+// would add into grad_value. Corner slot ((b * chunk_queries + q - q_begin) * heads + h) *
+// levels * points * 4 + (l * points + p) * 4 + k gets rows[slot], the row of grad_value viewed as
+// (B * S * heads, C) that corner k of sample (l, p) adds to (dummy_row when the corner lies
+// outside its level or the sample misses), and contributions[slot, :], the C values it adds.
+template <typename scalar_t, int CPT>
+__global__ void __launch_bounds__(kThreads)
+    corner_contributions_kernel(const scalar_t* __restrict__ grad_output,
+                                const int64_t* __restrict__ shapes,
+                                const int64_t* __restrict__ starts,
+                                const scalar_t* __restrict__ locations,
+                                const scalar_t* __restrict__ weights,
+                                at::opmath_type<scalar_t>* __restrict__ contributions,
+                                int64_t* __restrict__ rows, Geometry g, int64_t q_begin,
+                                int64_t chunk_queries, int64_t total, int64_t dummy_row) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (index >= total) {
+    return;
+  }
+  const int64_t groups = g.channels / CPT;
+  const int64_t channel = (index % groups) * CPT;
+  const int64_t local = index / groups;
+  const int64_t h = local % g.heads;
+  const int64_t b = local / (g.heads * chunk_queries);
+  const int64_t q = q_begin + (local / g.heads) % chunk_queries;
+  const int64_t bqh = (b * g.queries + q) * g.heads + h;
+  const int64_t token_stride = g.heads * g.channels;
+  const int64_t slice = b * g.spatial * token_stride + h * g.channels;
+
+  acc_t grad_out[CPT];
+  {
+    const Pack<scalar_t, CPT> packed = load_pack<CPT>(grad_output + bqh * g.channels + channel);
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+      grad_out[c] = static_cast<acc_t>(packed.v[c]);
+    }
+  }
+  int64_t sample = bqh * g.levels * g.points;
+  int64_t slot = local * g.levels * g.points * 4;
+  for (int64_t l = 0; l < g.levels; ++l) {
+    const int64_t height = shapes[2 * l];
+    const int64_t width = shapes[2 * l + 1];
+    const int64_t start = starts[l];
+    const bool level_ok = level_in_bounds(height, width, start, g.spatial);
+    for (int64_t p = 0; p < g.points; ++p, ++sample, slot += 4) {
+      Corners<acc_t> corners;
+      const bool hit = level_ok && locate_corners(static_cast<acc_t>(locations[2 * sample]),
+                                                  static_cast<acc_t>(locations[2 * sample + 1]),
+                                                  height, width, start, token_stride, corners);
+      const acc_t attn = hit ? static_cast<acc_t>(weights[sample]) : acc_t(0);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const bool inside = hit && corners.offset[k] >= 0;
+        const acc_t w = inside ? attn * corners.weight[k] : acc_t(0);
+        acc_t* dst = contributions + (slot + k) * g.channels + channel;
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) {
+          dst[c] = inside ? w * grad_out[c] : acc_t(0);
+        }
+        if (channel == 0) {
+          rows[slot + k] = inside ? (slice + corners.offset[k]) / g.channels : dummy_row;
+        }
+      }
+    }
+  }
+}
+
+// Bytes of corner contributions and rows listed per chunk in deterministic mode.
+constexpr int64_t kDeterministicChunkBytes = int64_t(256) << 20;
 
 Geometry geometry_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
   return {value.size(0),
@@ -355,8 +434,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& attention_weights) {
   check_backward_inputs(grad_output, value, spatial_shapes, level_start_index,
                         sampling_locations, attention_weights);
-  at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
   const c10::cuda::CUDAGuard guard(value.device());
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
   const Geometry g = geometry_of(value, sampling_locations);
   const at::Tensor shapes = index_on(spatial_shapes, value.device());
   const at::Tensor starts = index_on(level_start_index, value.device());
@@ -367,7 +446,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const at::ScalarType dtype = value.scalar_type();
   const at::ScalarType acc_dtype = at::toOpMathType(dtype);
   const auto acc_options = value.options().dtype(acc_dtype);
-  at::Tensor grad_value = at::zeros(value.sizes(), acc_options);
+  // In deterministic mode grad_value is row `row` of grad_rows, (B * S * heads + 1, C): the
+  // extra last row collects the corners that add nothing.
+  const int64_t value_rows = g.batch * g.spatial * g.heads;
+  at::Tensor grad_rows =
+      deterministic ? at::zeros({value_rows + 1, g.channels}, acc_options) : at::Tensor();
+  at::Tensor grad_value = deterministic ? grad_rows.narrow(0, 0, value_rows).view(value.sizes())
+                                        : at::zeros(value.sizes(), acc_options);
   at::Tensor grad_locations = at::zeros(sampling_locations.sizes(), acc_options);
   at::Tensor grad_weights = at::zeros(attention_weights.sizes(), acc_options);
   const int cpt = channels_per_thread(g.channels, static_cast<int64_t>(value.element_size()),
@@ -382,20 +467,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
       run_width *= 2;
     }
     const bool run_is_group = run_width == groups;
+    if (!deterministic || !run_is_group) {
+      at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
+    }
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, dtype, "ms_deform_attn_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
           with_channels_per_thread<scalar_t>(cpt, [&](auto width) {
-            backward_kernel<scalar_t, decltype(width)::value>
-                <<<blocks_for(total), kThreads, 0, stream>>>(
-                    grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
-                    shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-                    locations_c.const_data_ptr<scalar_t>(), weights_c.const_data_ptr<scalar_t>(),
-                    grad_value.mutable_data_ptr<acc_t>(),
-                    grad_locations.mutable_data_ptr<acc_t>(),
-                    grad_weights.mutable_data_ptr<acc_t>(), g, total, run_width, run_is_group);
+            constexpr int kCPT = decltype(width)::value;
+            backward_kernel<scalar_t, kCPT><<<blocks_for(total), kThreads, 0, stream>>>(
+                grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
+                shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+                locations_c.const_data_ptr<scalar_t>(), weights_c.const_data_ptr<scalar_t>(),
+                grad_value.mutable_data_ptr<acc_t>(), grad_locations.mutable_data_ptr<acc_t>(),
+                grad_weights.mutable_data_ptr<acc_t>(), g, total, run_width, run_is_group,
+                /*scatter=*/!deterministic);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
+            if (!deterministic) {
+              return;
+            }
+            const int64_t corners_per_query = g.batch * g.heads * g.levels * g.points * 4;
+            const int64_t bytes_per_query =
+                corners_per_query *
+                (g.channels * static_cast<int64_t>(sizeof(acc_t)) + int64_t(sizeof(int64_t)));
+            const int64_t chunk = std::clamp<int64_t>(
+                kDeterministicChunkBytes / std::max<int64_t>(bytes_per_query, 1), 1, g.queries);
+            at::Tensor contributions =
+                at::empty({chunk * corners_per_query, g.channels}, acc_options);
+            at::Tensor rows = at::empty({chunk * corners_per_query}, value.options().dtype(at::kLong));
+            for (int64_t q_begin = 0; q_begin < g.queries; q_begin += chunk) {
+              const int64_t chunk_queries = std::min(chunk, g.queries - q_begin);
+              const int64_t threads = g.batch * chunk_queries * g.heads * groups;
+              corner_contributions_kernel<scalar_t, kCPT>
+                  <<<blocks_for(threads), kThreads, 0, stream>>>(
+                      grad_output_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+                      starts.const_data_ptr<int64_t>(), locations_c.const_data_ptr<scalar_t>(),
+                      weights_c.const_data_ptr<scalar_t>(), contributions.mutable_data_ptr<acc_t>(),
+                      rows.mutable_data_ptr<int64_t>(), g, q_begin, chunk_queries, threads,
+                      value_rows);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              const int64_t used = chunk_queries * corners_per_query;
+              grad_rows.index_add_(0, rows.narrow(0, 0, used), contributions.narrow(0, 0, used));
+            }
           });
         });
   }
