@@ -12,7 +12,10 @@ reset through ``/proc/self/clear_refs``) of a fresh subprocess per measurement.
 Usage::
 
     python tools/benchmark_msda.py --device cpu --threads 2
-    python tools/benchmark_msda.py --device cuda
+    python tools/benchmark_msda.py --device cuda --dtypes float32 bfloat16
+
+With several ``--dtypes`` every implementation runs in each of them, alternating within each
+repetition, and the compiled kernel's speed-up of each later dtype over the first is printed too.
 """
 import argparse
 import json
@@ -102,21 +105,25 @@ def run_once(fn: Callable[[Inputs], Tensor], inputs: Inputs, grad: Tensor,
     return middle - start, end - middle
 
 
-def time_impls(inputs: Inputs, device: torch.device, warmup: int,
-               repeat: int) -> Dict[str, List[Tuple[float, float]]]:
-    """(forward, backward) seconds per repetition for each implementation.
+def time_impls(inputs: Dict[torch.dtype, Inputs], device: torch.device, warmup: int,
+               repeat: int) -> Dict[Tuple[str, torch.dtype], List[Tuple[float, float]]]:
+    """(forward, backward) seconds per repetition for each implementation and dtype.
 
-    The implementations alternate within each repetition, so that a machine whose load changes
-    over time (shared cores) affects both alike."""
-    batch, _, heads, channels = inputs[0].shape
-    grad = torch.randn(batch, inputs[3].shape[1], heads * channels, device=device,
-                       dtype=inputs[0].dtype)
-    times: Dict[str, List[Tuple[float, float]]] = {impl: [] for impl in IMPLS}
+    The implementations and dtypes alternate within each repetition, so that a machine whose
+    load changes over time (shared cores) affects all alike."""
+    grads = {}
+    for dtype, dtype_inputs in inputs.items():
+        batch, _, heads, channels = dtype_inputs[0].shape
+        grads[dtype] = torch.randn(batch, dtype_inputs[3].shape[1], heads * channels,
+                                   generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    times: Dict[Tuple[str, torch.dtype], List[Tuple[float, float]]] = {
+        (impl, dtype): [] for impl in IMPLS for dtype in inputs}
     for step in range(warmup + repeat):
         for impl in IMPLS:
-            result = run_once(impl_fn(impl), inputs, grad, device)
-            if step >= warmup:
-                times[impl].append(result)
+            for dtype, dtype_inputs in inputs.items():
+                result = run_once(impl_fn(impl), dtype_inputs, grads[dtype], device)
+                if step >= warmup:
+                    times[impl, dtype].append(result)
     return times
 
 
@@ -167,8 +174,9 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op CPU threads (default: %(default)s)")
-    parser.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
-                        default="float32")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"],
+                        choices=("float32", "float64", "float16", "bfloat16"),
+                        help="dtypes to time, side by side (default: %(default)s)")
     parser.add_argument("--locations", choices=("reference", "uniform"), default="reference",
                         help="sampling points near each query's reference point, as in the model, "
                              "or uniform over each level")
@@ -192,38 +200,52 @@ def main() -> None:
         sys.exit(f"cannot benchmark the compiled kernel: {reason}")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    dtypes = [getattr(torch, name) for name in dict.fromkeys(args.dtypes)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"torch {torch.__version__}, {name}, {args.threads} threads, {args.dtype}, "
-          f"{args.locations} locations; "
+    print(f"torch {torch.__version__}, {name}, {args.threads} threads, "
+          f"{', '.join(args.dtypes)}, {args.locations} locations; "
           f"{args.repeat} timed runs after {args.warmup} warm-up, implementations alternating; "
           f"median times and best total in ms, peak memory in MiB")
-    print(f"{'case':<8} {'B':>2} {'impl':<9} {'forward':>9} {'backward':>9} {'total':>9} "
-          f"{'best total':>10} {'peak mem':>9}")
+    print(f"{'case':<8} {'B':>2} {'impl':<9} {'dtype':<8} {'forward':>9} {'backward':>9} "
+          f"{'total':>9} {'best total':>10} {'peak mem':>9}")
     for case, queries in CASES.items():
         for batch in args.batches:
-            inputs = make_inputs(batch, queries, device, dtype, args.locations)
+            inputs = {dtype: make_inputs(batch, queries, device, dtype, args.locations)
+                      for dtype in dtypes}
             times = time_impls(inputs, device, args.warmup, args.repeat)
-            summary: Dict[str, Tuple[float, float, float, float]] = {}
-            for impl in IMPLS:
-                forward = statistics.median(f for f, _ in times[impl])
-                backward = statistics.median(b for _, b in times[impl])
-                total = statistics.median(f + b for f, b in times[impl])
-                best = min(f + b for f, b in times[impl])
-                summary[impl] = (forward, backward, total, best)
+            summary: Dict[Tuple[str, torch.dtype], Tuple[float, float, float, float]] = {}
+            for (impl, dtype), runs in times.items():
+                forward = statistics.median(f for f, _ in runs)
+                backward = statistics.median(b for _, b in runs)
+                total = statistics.median(f + b for f, b in runs)
+                best = min(f + b for f, b in runs)
+                summary[impl, dtype] = (forward, backward, total, best)
                 peak = None
                 if not args.no_memory:
                     if device.type == "cuda":
-                        peak = cuda_peak_mib(impl_fn(impl), inputs, device)
+                        peak = cuda_peak_mib(impl_fn(impl), inputs[dtype], device)
                     elif dtype == torch.float32:
                         peak = cpu_peak_mib(impl, case, batch, args.threads, args.locations)
                 memory = "n/a" if peak is None else f"{peak:.1f}"
-                print(f"{case:<8} {batch:>2} {impl:<9} {forward * 1e3:>9.2f} {backward * 1e3:>9.2f} "
-                      f"{total * 1e3:>9.2f} {best * 1e3:>10.2f} {memory:>9}")
-            ratios = [slow / fast for slow, fast in zip(summary["pytorch"], summary["compiled"])]
-            print(f"{case:<8} {batch:>2} {'speed-up':<9} "
-                  + " ".join(f"{r:>{w - 1}.1f}x" for r, w in zip(ratios, (9, 9, 9, 10))))
+                print(f"{case:<8} {batch:>2} {impl:<9} {dtype_name(dtype):<8} "
+                      f"{forward * 1e3:>9.2f} {backward * 1e3:>9.2f} {total * 1e3:>9.2f} "
+                      f"{best * 1e3:>10.2f} {memory:>9}")
+            ratios = []
+            for dtype in dtypes:
+                ratios.append((f"{dtype_name(dtype):<8}", "pytorch / compiled",
+                               summary["pytorch", dtype], summary["compiled", dtype]))
+            for dtype in dtypes[1:]:
+                ratios.append((f"{dtype_name(dtype):<8}", f"compiled {dtype_name(dtypes[0])} / "
+                               f"compiled {dtype_name(dtype)}", summary["compiled", dtypes[0]],
+                               summary["compiled", dtype]))
+            for label, what, slow, fast in ratios:
+                print(f"{case:<8} {batch:>2} {'speed-up':<9} {label} "
+                      + " ".join(f"{a / b:>{w - 1}.1f}x" for a, b, w in zip(slow, fast, (9, 9, 9, 10)))
+                      + f"  ({what})")
 
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 if __name__ == "__main__":
     main()
