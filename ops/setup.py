@@ -7,7 +7,7 @@ Run from anywhere; the extension is always placed next to this file::
 The CPU kernel is always built. The CUDA kernel is added when the CUDA toolkit is found
 (``CUDA_HOME``, ``CUDA_PATH``, ``/usr/local/cuda`` or ``nvcc`` on ``PATH``) and PyTorch was
 built with CUDA; no GPU is needed. The target architectures come from ``TORCH_CUDA_ARCH_LIST``
-(default ``8.0;9.0``). If the CUDA part fails to compile, the CPU-only extension is built
+(default ``8.0;9.0+PTX``). If the CUDA part fails to compile, the CPU-only extension is built
 instead and the reason is printed. ``MSDA_WITH_CUDA=0`` skips the CUDA part.
 """
 import os
@@ -18,7 +18,7 @@ from typing import Optional
 
 OPS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = OPS_DIR.parent
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def find_cuda_home() -> Optional[str]:
