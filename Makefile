@@ -1,7 +1,6 @@
 PYTHON ?= python3
 # Compile the CUDA kernel for A100 (8.0) and H100 (9.0), with PTX for newer GPUs, unless the
-# caller says otherwise;
-# no GPU is needed to compile.
+# caller says otherwise; no GPU is needed to compile.
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
 .PHONY: install build test demo
