@@ -459,29 +459,29 @@ class TestCUDAKernel:
         mixed = (inputs[0], inputs[1].cpu(), inputs[2].cpu(), inputs[3], inputs[4])
         torch.testing.assert_close(compiled_op(*mixed).cpu(), reference(inputs))
 
-    @pytest.mark.parametrize("queries", [7, 8000])
-    def test_deterministic_mode(self, queries):
-        # 8000 queries of 8 heads x 16 samples x 32 float32 channels list about 550 MB of corner
-        # contributions: the deterministic backward runs in three chunks.
-        inputs = make_inputs(1, queries, 8, 32, [(12, 15), (6, 8), (3, 4), (2, 2)], 4,
-                             dtype=torch.float32, device="cuda")
-        grad_output = torch.randn(1, queries, 256, generator=torch.Generator().manual_seed(4),
-                                  dtype=torch.float64)
+    @pytest.mark.parametrize("queries, heads, channels, dtype", [
+        (7, 8, 32, torch.float32),
+        # About 550 MB of corner contributions: the deterministic backward runs in three chunks.
+        (8000, 8, 32, torch.float32),
+        # Channel groups of 5 and 128 threads: several runs of lanes per group.
+        (7, 2, 5, torch.float64),
+        (7, 1, 256, torch.float64),
+    ])
+    def test_deterministic_mode(self, queries, heads, channels, dtype):
+        inputs = make_inputs(1, queries, heads, channels, [(12, 15), (6, 8), (3, 4), (2, 2)], 4,
+                             dtype=dtype, device="cuda")
+        grad_output = torch.randn(1, queries, heads * channels,
+                                  generator=torch.Generator().manual_seed(4), dtype=torch.float64)
         with deterministic_algorithms():
             first = forward_and_grads(compiled_op, inputs, grad_output)
             second = forward_and_grads(compiled_op, inputs, grad_output)
-        for name, a, b in zip(("output", "grad_value", "grad_locations", "grad_weights"), first, second):
+        names = ("output", "grad_value", "grad_locations", "grad_weights")
+        for name, a, b in zip(names, first, second):
             assert torch.equal(a, b), name
         expected = reference_forward_and_grads(inputs, grad_output)
-        for name, got, want in zip(("output", "grad_value", "grad_locations", "grad_weights"),
-                                   first, expected):
-            torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=1e-4, msg=name)
-
-    def test_deterministic_mode_refuses_channel_groups_wider_than_a_warp(self):
-        inputs = make_inputs(1, 6, 1, 256, [(5, 7), (2, 3)], 3, device="cuda")
-        with deterministic_algorithms(), pytest.raises(RuntimeError,
-                                                       match="ms_deform_attn_backward_cuda"):
-            forward_and_grads(compiled_op, inputs, torch.ones(1, 6, 256))
+        tol = 1e-10 if dtype == torch.float64 else 1e-4
+        for name, got, want in zip(names, first, expected):
+            torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol, msg=name)
 
     @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
     def test_second_device(self):

@@ -13,8 +13,9 @@
 //
 // Under torch.use_deterministic_algorithms(True) the backward does not scatter: a second kernel
 // lists, chunk by chunk of queries, every corner's grad_value row and contribution, and
-// index_add_, deterministic in that mode, sums them in a fixed order. The location and weight
-// gradients are then deterministic too unless a channel group spans more than one run.
+// index_add_, deterministic in that mode, sums them in a fixed order; a channel group that
+// spans several runs stores each run's location and weight partial sums, which are then summed
+// in a fixed order too.
 #include "../ms_deform_attn.h"
 #include "../sampling.h"
 
@@ -24,6 +25,7 @@
 #include <ATen/cuda/Atomic.cuh>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/index_add.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -176,7 +178,8 @@ __global__ void __launch_bounds__(kThreads)
                     at::opmath_type<scalar_t>* __restrict__ grad_value,
                     at::opmath_type<scalar_t>* __restrict__ grad_locations,
                     at::opmath_type<scalar_t>* __restrict__ grad_weights, Geometry g,
-                    int64_t total, int run_width, bool run_is_group, bool scatter) {
+                    int64_t total, int run_width, bool run_is_group, bool scatter,
+                    at::opmath_type<scalar_t>* __restrict__ run_partials) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   // Threads past the end stay to the end: they take part in the shuffles with zeros. Whole
@@ -242,6 +245,12 @@ __global__ void __launch_bounds__(kThreads)
           grad_weights[sample] = grad.attn;
           grad_locations[2 * sample] = grad.x;
           grad_locations[2 * sample + 1] = grad.y;
+        } else if (run_partials != nullptr) {
+          acc_t* partial =
+              run_partials + (sample * (groups / run_width) + (item % groups) / run_width) * 3;
+          partial[0] = grad.attn;
+          partial[1] = grad.x;
+          partial[2] = grad.y;
         } else {
           gpuAtomicAdd(grad_weights + sample, grad.attn);
           gpuAtomicAdd(grad_locations + 2 * sample, grad.x);
@@ -467,8 +476,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
       run_width *= 2;
     }
     const bool run_is_group = run_width == groups;
-    if (!deterministic || !run_is_group) {
-      at::globalContext().alertNotDeterministic("ms_deform_attn_backward_cuda");
+    // Deterministic mode with several runs per channel group: each run stores its partial sums,
+    // (sample, run, [attn, x, y]), and they are summed below in a fixed order.
+    at::Tensor run_partials;
+    if (deterministic && !run_is_group) {
+      run_partials = at::zeros({attention_weights.numel(), groups / run_width, 3}, acc_options);
     }
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -482,7 +494,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
                 locations_c.const_data_ptr<scalar_t>(), weights_c.const_data_ptr<scalar_t>(),
                 grad_value.mutable_data_ptr<acc_t>(), grad_locations.mutable_data_ptr<acc_t>(),
                 grad_weights.mutable_data_ptr<acc_t>(), g, total, run_width, run_is_group,
-                /*scatter=*/!deterministic);
+                /*scatter=*/!deterministic,
+                run_partials.defined() ? run_partials.mutable_data_ptr<acc_t>() : nullptr);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
             if (!deterministic) {
               return;
@@ -512,6 +525,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
             }
           });
         });
+    if (run_partials.defined()) {
+      const at::Tensor sums = run_partials.sum(1);
+      grad_weights.copy_(sums.select(1, 0).reshape(attention_weights.sizes()));
+      grad_locations.copy_(sums.narrow(1, 1, 2).reshape(sampling_locations.sizes()));
+    }
   }
   if (acc_dtype != dtype) {
     return {grad_value.to(dtype), grad_locations.to(dtype), grad_weights.to(dtype)};
