@@ -61,6 +61,16 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
   }
 }
 
+Geometry geometry_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  return {value.size(0),
+          value.size(1),
+          value.size(2),
+          value.size(3),
+          sampling_locations.size(1),
+          sampling_locations.size(3),
+          sampling_locations.size(4)};
+}
+
 void check_backward_inputs(const at::Tensor& grad_output, const at::Tensor& value,
                            const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                            const at::Tensor& sampling_locations,

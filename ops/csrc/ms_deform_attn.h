@@ -7,6 +7,21 @@
 
 namespace deformable_detr {
 
+// The sizes of one call: value (batch, spatial, heads, channels), sampling_locations
+// (batch, queries, heads, levels, points, 2). Passed by value to the CUDA kernels.
+struct Geometry {
+  int64_t batch;
+  int64_t spatial;
+  int64_t heads;
+  int64_t channels;
+  int64_t queries;
+  int64_t levels;
+  int64_t points;
+};
+
+// Reads the Geometry off checked inputs.
+Geometry geometry_of(const at::Tensor& value, const at::Tensor& sampling_locations);
+
 // Checks the ranks, sizes, dtypes and devices of the forward inputs (the metadata only, so no
 // device synchronisation); raises ValueError on a mismatch.
 void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,

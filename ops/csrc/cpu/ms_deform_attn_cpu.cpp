@@ -79,26 +79,6 @@ inline void prefetch(const scalar_t* ptr, int64_t n) {
 #endif
 }
 
-struct Geometry {
-  int64_t batch;
-  int64_t spatial;
-  int64_t heads;
-  int64_t channels;
-  int64_t queries;
-  int64_t levels;
-  int64_t points;
-};
-
-Geometry geometry_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
-  return {value.size(0),
-          value.size(1),
-          value.size(2),
-          value.size(3),
-          sampling_locations.size(1),
-          sampling_locations.size(3),
-          sampling_locations.size(4)};
-}
-
 // Reads the level metadata to the host and checks it against value, which the kernels assume.
 struct Levels {
   std::vector<int64_t> height;

@@ -88,15 +88,68 @@ __device__ __forceinline__ void atomic_add_scaled(acc_t* dst, acc_t w, const acc
   }
 }
 
-struct Geometry {
-  int64_t batch;
-  int64_t spatial;
-  int64_t heads;
-  int64_t channels;
-  int64_t queries;
-  int64_t levels;
-  int64_t points;
+// What one thread works on: CPT channels, from `channel`, of one (batch b, query q, head h).
+// `item` numbers (b, q - q_begin, h) within a launch over launch_queries queries from q_begin;
+// bqh = (b * queries + q) * heads + h indexes the inputs; `slice` is the offset of (b, h,
+// channel 0) in value and grad_value, (B, S, heads, C).
+struct ThreadItem {
+  int64_t item;
+  int64_t bqh;
+  int64_t channel;
+  int64_t slice;
 };
+
+template <int CPT>
+__device__ __forceinline__ ThreadItem thread_item(int64_t index, const Geometry& g,
+                                                  int64_t q_begin, int64_t launch_queries) {
+  const int64_t groups = g.channels / CPT;
+  ThreadItem t;
+  t.channel = (index % groups) * CPT;
+  t.item = index / groups;
+  const int64_t h = t.item % g.heads;
+  const int64_t b = t.item / (g.heads * launch_queries);
+  const int64_t q = q_begin + (t.item / g.heads) % launch_queries;
+  t.bqh = (b * g.queries + q) * g.heads + h;
+  t.slice = b * g.spatial * g.heads * g.channels + h * g.channels;
+  return t;
+}
+
+// Loads CPT elements as acc_t; zeros when `active` is false.
+template <int CPT, typename scalar_t>
+__device__ __forceinline__ void load_acc(const scalar_t* ptr, bool active,
+                                         at::opmath_type<scalar_t> (&out)[CPT]) {
+  const Pack<scalar_t, CPT> packed = load_pack<CPT>(ptr);
+#pragma unroll
+  for (int c = 0; c < CPT; ++c) {
+    out[c] = active ? static_cast<at::opmath_type<scalar_t>>(packed.v[c])
+                    : at::opmath_type<scalar_t>(0);
+  }
+}
+
+// Calls visit(sample, s, height, width, hit, corners) for each of the levels * points samples
+// of the (batch, query, head) `bqh`, in order: `sample` is the flat sample index, s = l * points
+// + p, and hit is false (corners unset) for a sample outside its level, in a level that does not
+// fit in value, or when `active` is false.
+template <typename acc_t, typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_each_sample(const Geometry& g, const int64_t* shapes,
+                                                const int64_t* starts, const scalar_t* locations,
+                                                int64_t bqh, bool active, const Visit& visit) {
+  const int64_t token_stride = g.heads * g.channels;
+  int64_t sample = bqh * g.levels * g.points;
+  for (int64_t l = 0; l < g.levels; ++l) {
+    const int64_t height = shapes[2 * l];
+    const int64_t width = shapes[2 * l + 1];
+    const int64_t start = starts[l];
+    const bool level_ok = active && level_in_bounds(height, width, start, g.spatial);
+    for (int64_t p = 0; p < g.points; ++p, ++sample) {
+      Corners<acc_t> corners;
+      const bool hit = level_ok && locate_corners(static_cast<acc_t>(locations[2 * sample]),
+                                                  static_cast<acc_t>(locations[2 * sample + 1]),
+                                                  height, width, start, token_stride, corners);
+      visit(sample, l * g.points + p, height, width, hit, corners);
+    }
+  }
+}
 
 template <typename scalar_t, int CPT>
 __global__ void __launch_bounds__(kThreads)
@@ -109,55 +162,40 @@ __global__ void __launch_bounds__(kThreads)
   if (index >= total) {
     return;
   }
-  const int64_t groups = g.channels / CPT;
-  const int64_t channel = (index % groups) * CPT;
-  const int64_t bqh = index / groups;
-  const int64_t h = bqh % g.heads;
-  const int64_t b = bqh / (g.heads * g.queries);
-  const int64_t token_stride = g.heads * g.channels;
-  const scalar_t* value_bh = value + b * g.spatial * token_stride + h * g.channels + channel;
+  const ThreadItem t = thread_item<CPT>(index, g, 0, g.queries);
+  const scalar_t* value_bh = value + t.slice + t.channel;
 
   acc_t acc[CPT];
 #pragma unroll
   for (int c = 0; c < CPT; ++c) {
     acc[c] = acc_t(0);
   }
-  int64_t sample = bqh * g.levels * g.points;
-  for (int64_t l = 0; l < g.levels; ++l) {
-    const int64_t height = shapes[2 * l];
-    const int64_t width = shapes[2 * l + 1];
-    const int64_t start = starts[l];
-    if (!level_in_bounds(height, width, start, g.spatial)) {
-      sample += g.points;
-      continue;
-    }
-    for (int64_t p = 0; p < g.points; ++p, ++sample) {
-      Corners<acc_t> corners;
-      if (!locate_corners(static_cast<acc_t>(locations[2 * sample]),
-                          static_cast<acc_t>(locations[2 * sample + 1]), height, width, start,
-                          token_stride, corners)) {
-        continue;
-      }
-      const acc_t attn = static_cast<acc_t>(weights[sample]);
+  for_each_sample<acc_t>(g, shapes, starts, locations, t.bqh, true,
+                         [&](int64_t sample, int64_t, int64_t, int64_t, bool hit,
+                             const Corners<acc_t>& corners) {
+                           if (!hit) {
+                             return;
+                           }
+                           const acc_t attn = static_cast<acc_t>(weights[sample]);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        if (corners.offset[k] >= 0) {
-          const acc_t w = attn * corners.weight[k];
-          const Pack<scalar_t, CPT> v = load_pack<CPT>(value_bh + corners.offset[k]);
+                           for (int k = 0; k < 4; ++k) {
+                             if (corners.offset[k] >= 0) {
+                               const acc_t w = attn * corners.weight[k];
+                               const Pack<scalar_t, CPT> v =
+                                   load_pack<CPT>(value_bh + corners.offset[k]);
 #pragma unroll
-          for (int c = 0; c < CPT; ++c) {
-            acc[c] += w * static_cast<acc_t>(v.v[c]);
-          }
-        }
-      }
-    }
-  }
+                               for (int c = 0; c < CPT; ++c) {
+                                 acc[c] += w * static_cast<acc_t>(v.v[c]);
+                               }
+                             }
+                           }
+                         });
   Pack<scalar_t, CPT> out;
 #pragma unroll
   for (int c = 0; c < CPT; ++c) {
     out.v[c] = static_cast<scalar_t>(acc[c]);
   }
-  *reinterpret_cast<Pack<scalar_t, CPT>*>(output + bqh * g.channels + channel) = out;
+  *reinterpret_cast<Pack<scalar_t, CPT>*>(output + t.bqh * g.channels + t.channel) = out;
 }
 
 // Sums x over aligned runs of `width` lanes (a power of two <= 32); lane 0 of each run gets the
@@ -186,68 +224,52 @@ __global__ void __launch_bounds__(kThreads)
   // channel groups are either all active or all inactive because total is a multiple of the
   // group size.
   const bool active = index < total;
-  const int64_t item = active ? index : 0;
-  const int64_t groups = g.channels / CPT;
-  const int64_t channel = (item % groups) * CPT;
-  const int64_t bqh = item / groups;
-  const int64_t h = bqh % g.heads;
-  const int64_t b = bqh / (g.heads * g.queries);
-  const int64_t token_stride = g.heads * g.channels;
-  const int64_t slice = b * g.spatial * token_stride + h * g.channels + channel;
-  const scalar_t* value_bh = value + slice;
-  acc_t* grad_value_bh = scatter ? grad_value + slice : nullptr;
+  const ThreadItem t = thread_item<CPT>(active ? index : 0, g, 0, g.queries);
+  const scalar_t* value_bh = value + t.slice + t.channel;
+  acc_t* grad_value_bh = scatter ? grad_value + t.slice + t.channel : nullptr;
   const bool leader = (threadIdx.x % run_width) == 0;
+  const int64_t runs = g.channels / CPT / run_width;
+  const int64_t run = t.channel / CPT / run_width;
 
   acc_t grad_out[CPT];
-  {
-    const Pack<scalar_t, CPT> packed = load_pack<CPT>(grad_output + bqh * g.channels + channel);
+  load_acc<CPT>(grad_output + t.bqh * g.channels + t.channel, active, grad_out);
+  for_each_sample<acc_t>(
+      g, shapes, starts, locations, t.bqh, active,
+      [&](int64_t sample, int64_t, int64_t height, int64_t width, bool hit,
+          const Corners<acc_t>& corners) {
+        SampleGrad<acc_t> grad = {acc_t(0), acc_t(0), acc_t(0)};
+        if (hit) {
+          const acc_t attn = static_cast<acc_t>(weights[sample]);
+          acc_t d[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
 #pragma unroll
-    for (int c = 0; c < CPT; ++c) {
-      grad_out[c] = active ? static_cast<acc_t>(packed.v[c]) : acc_t(0);
-    }
-  }
-  int64_t sample = bqh * g.levels * g.points;
-  for (int64_t l = 0; l < g.levels; ++l) {
-    const int64_t height = shapes[2 * l];
-    const int64_t width = shapes[2 * l + 1];
-    const int64_t start = starts[l];
-    const bool level_ok = active && level_in_bounds(height, width, start, g.spatial);
-    for (int64_t p = 0; p < g.points; ++p, ++sample) {
-      Corners<acc_t> corners;
-      const bool hit = level_ok && locate_corners(static_cast<acc_t>(locations[2 * sample]),
-                                                  static_cast<acc_t>(locations[2 * sample + 1]),
-                                                  height, width, start, token_stride, corners);
-      SampleGrad<acc_t> grad = {acc_t(0), acc_t(0), acc_t(0)};
-      if (hit) {
-        const acc_t attn = static_cast<acc_t>(weights[sample]);
-        acc_t d[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+          for (int k = 0; k < 4; ++k) {
+            const int64_t offset = corners.offset[k];
+            if (offset >= 0) {
+              const Pack<scalar_t, CPT> v = load_pack<CPT>(value_bh + offset);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int64_t offset = corners.offset[k];
-          if (offset >= 0) {
-            const Pack<scalar_t, CPT> v = load_pack<CPT>(value_bh + offset);
-#pragma unroll
-            for (int c = 0; c < CPT; ++c) {
-              d[k] += grad_out[c] * static_cast<acc_t>(v.v[c]);
-            }
-            if (scatter) {
-              atomic_add_scaled<CPT>(grad_value_bh + offset, attn * corners.weight[k], grad_out);
+              for (int c = 0; c < CPT; ++c) {
+                d[k] += grad_out[c] * static_cast<acc_t>(v.v[c]);
+              }
+              if (scatter) {
+                atomic_add_scaled<CPT>(grad_value_bh + offset, attn * corners.weight[k],
+                                       grad_out);
+              }
             }
           }
+          grad = sample_grad(corners, d, attn, height, width);
         }
-        grad = sample_grad(corners, d, attn, height, width);
-      }
-      grad.attn = run_sum(grad.attn, run_width);
-      grad.x = run_sum(grad.x, run_width);
-      grad.y = run_sum(grad.y, run_width);
-      if (hit && leader) {
+        grad.attn = run_sum(grad.attn, run_width);
+        grad.x = run_sum(grad.x, run_width);
+        grad.y = run_sum(grad.y, run_width);
+        if (!(hit && leader)) {
+          return;
+        }
         if (run_is_group) {
           grad_weights[sample] = grad.attn;
           grad_locations[2 * sample] = grad.x;
           grad_locations[2 * sample + 1] = grad.y;
         } else if (run_partials != nullptr) {
-          acc_t* partial =
-              run_partials + (sample * (groups / run_width) + (item % groups) / run_width) * 3;
+          acc_t* partial = run_partials + (sample * runs + run) * 3;
           partial[0] = grad.attn;
           partial[1] = grad.x;
           partial[2] = grad.y;
@@ -256,9 +278,7 @@ __global__ void __launch_bounds__(kThreads)
           gpuAtomicAdd(grad_locations + 2 * sample, grad.x);
           gpuAtomicAdd(grad_locations + 2 * sample + 1, grad.y);
         }
-      }
-    }
-  }
+      });
 }
 
 // Deterministic mode: for the queries [q_begin, q_begin + chunk_queries), lists what backward
@@ -281,66 +301,34 @@ __global__ void __launch_bounds__(kThreads)
   if (index >= total) {
     return;
   }
-  const int64_t groups = g.channels / CPT;
-  const int64_t channel = (index % groups) * CPT;
-  const int64_t local = index / groups;
-  const int64_t h = local % g.heads;
-  const int64_t b = local / (g.heads * chunk_queries);
-  const int64_t q = q_begin + (local / g.heads) % chunk_queries;
-  const int64_t bqh = (b * g.queries + q) * g.heads + h;
-  const int64_t token_stride = g.heads * g.channels;
-  const int64_t slice = b * g.spatial * token_stride + h * g.channels;
+  const ThreadItem t = thread_item<CPT>(index, g, q_begin, chunk_queries);
+  const int64_t first_slot = t.item * g.levels * g.points * 4;
 
   acc_t grad_out[CPT];
-  {
-    const Pack<scalar_t, CPT> packed = load_pack<CPT>(grad_output + bqh * g.channels + channel);
+  load_acc<CPT>(grad_output + t.bqh * g.channels + t.channel, true, grad_out);
+  for_each_sample<acc_t>(
+      g, shapes, starts, locations, t.bqh, true,
+      [&](int64_t sample, int64_t s, int64_t, int64_t, bool hit, const Corners<acc_t>& corners) {
+        const acc_t attn = hit ? static_cast<acc_t>(weights[sample]) : acc_t(0);
 #pragma unroll
-    for (int c = 0; c < CPT; ++c) {
-      grad_out[c] = static_cast<acc_t>(packed.v[c]);
-    }
-  }
-  int64_t sample = bqh * g.levels * g.points;
-  int64_t slot = local * g.levels * g.points * 4;
-  for (int64_t l = 0; l < g.levels; ++l) {
-    const int64_t height = shapes[2 * l];
-    const int64_t width = shapes[2 * l + 1];
-    const int64_t start = starts[l];
-    const bool level_ok = level_in_bounds(height, width, start, g.spatial);
-    for (int64_t p = 0; p < g.points; ++p, ++sample, slot += 4) {
-      Corners<acc_t> corners;
-      const bool hit = level_ok && locate_corners(static_cast<acc_t>(locations[2 * sample]),
-                                                  static_cast<acc_t>(locations[2 * sample + 1]),
-                                                  height, width, start, token_stride, corners);
-      const acc_t attn = hit ? static_cast<acc_t>(weights[sample]) : acc_t(0);
+        for (int k = 0; k < 4; ++k) {
+          const int64_t slot = first_slot + s * 4 + k;
+          const bool inside = hit && corners.offset[k] >= 0;
+          const acc_t w = inside ? attn * corners.weight[k] : acc_t(0);
+          acc_t* dst = contributions + slot * g.channels + t.channel;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const bool inside = hit && corners.offset[k] >= 0;
-        const acc_t w = inside ? attn * corners.weight[k] : acc_t(0);
-        acc_t* dst = contributions + (slot + k) * g.channels + channel;
-#pragma unroll
-        for (int c = 0; c < CPT; ++c) {
-          dst[c] = inside ? w * grad_out[c] : acc_t(0);
+          for (int c = 0; c < CPT; ++c) {
+            dst[c] = inside ? w * grad_out[c] : acc_t(0);
+          }
+          if (t.channel == 0) {
+            rows[slot] = inside ? (t.slice + corners.offset[k]) / g.channels : dummy_row;
+          }
         }
-        if (channel == 0) {
-          rows[slot + k] = inside ? (slice + corners.offset[k]) / g.channels : dummy_row;
-        }
-      }
-    }
-  }
+      });
 }
 
 // Bytes of corner contributions and rows listed per chunk in deterministic mode.
 constexpr int64_t kDeterministicChunkBytes = int64_t(256) << 20;
-
-Geometry geometry_of(const at::Tensor& value, const at::Tensor& sampling_locations) {
-  return {value.size(0),
-          value.size(1),
-          value.size(2),
-          value.size(3),
-          sampling_locations.size(1),
-          sampling_locations.size(3),
-          sampling_locations.size(4)};
-}
 
 // Channels per thread: the most (8, 4, 2 or 1) that fit one vector of kMaxVectorBytes, divide C,
 // and keep every pointer in `aligned` aligned for a vector of that many elements.
