@@ -2,7 +2,8 @@
 import contextlib
 import io
 import math
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +13,7 @@ from util.dist import is_main_process, reduce_dict
 from util.logger import MetricLogger, SmoothedValue, print_main
 from util.misc import NestedTensor
 
-Targets = List[Dict[str, Any]]
+Targets = list[dict[str, Any]]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -20,7 +21,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def to_device(samples: NestedTensor, targets: Sequence[Mapping[str, Any]],
-              device: torch.device) -> Tuple[NestedTensor, Targets]:
+              device: torch.device) -> tuple[NestedTensor, Targets]:
     """Move a batch to ``device`` without blocking (the tensors of each target; other values as is)."""
     samples = samples.to(device, non_blocking=True)
     moved = [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in t.items()}
@@ -29,7 +30,7 @@ def to_device(samples: NestedTensor, targets: Sequence[Mapping[str, Any]],
 
 
 def _loss_scalars(loss_dict: Mapping[str, Tensor], weight_dict: Mapping[str, float],
-                  extra: Sequence[Tensor] = ()) -> Tuple[Dict[str, float], List[float]]:
+                  extra: Sequence[Tensor] = ()) -> tuple[dict[str, float], list[float]]:
     """Average ``loss_dict`` over processes and bring it to the host with a single transfer.
 
     Returns the logged values -- ``loss`` (weighted sum), each weighted loss under its own name,
@@ -52,7 +53,7 @@ def _loss_scalars(loss_dict: Mapping[str, Tensor], weight_dict: Mapping[str, flo
 
 
 def train_step(model: nn.Module, criterion: nn.Module, samples: NestedTensor, targets: Targets,
-               optimizer: torch.optim.Optimizer, max_norm: float) -> Dict[str, float]:
+               optimizer: torch.optim.Optimizer, max_norm: float) -> dict[str, float]:
     """Forward, weighted loss, backward, gradient clipping and optimizer step for one batch.
 
     Returns the logged values (see :func:`_loss_scalars`) plus ``grad_norm`` (before clipping).
@@ -84,7 +85,7 @@ def train_step(model: nn.Module, criterion: nn.Module, samples: NestedTensor, ta
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
-                    max_norm: float = 0, print_freq: int = 10) -> Dict[str, float]:
+                    max_norm: float = 0, print_freq: int = 10) -> dict[str, float]:
     """Train for one pass over ``data_loader``; return each logged value's average over the epoch
     and over all processes.
 
@@ -121,7 +122,8 @@ def _quiet_unless_main() -> Iterator[None]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str, nn.Module],
-             data_loader: Iterable, base_ds: Any, device: torch.device, print_freq: int = 10) -> Tuple[Dict[str, Any], CocoEvaluator]:
+             data_loader: Iterable, base_ds: Any, device: torch.device,
+             print_freq: int = 10) -> tuple[dict[str, Any], CocoEvaluator]:
     """Losses and COCO box AP of ``model`` over ``data_loader`` (every process's share of it).
 
     Predictions from all processes are gathered before COCO evaluation, whose 12-line summary is
@@ -152,6 +154,6 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
     with _quiet_unless_main():
         evaluator.accumulate()
         evaluator.summarize()
-    stats: Dict[str, Any] = logger.global_averages()
+    stats: dict[str, Any] = logger.global_averages()
     stats["coco_eval_bbox"] = evaluator.coco_eval["bbox"].stats.tolist()
     return stats, evaluator

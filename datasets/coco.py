@@ -3,8 +3,9 @@ import contextlib
 import io
 import json
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any
 
 import PIL.Image
 import torch
@@ -12,16 +13,18 @@ from pycocotools.coco import COCO
 from torch import Tensor
 
 from util.dist import get_local_rank, get_local_size
+from util.errors import InputError, InputFileNotFoundError, InputValueError, MissingPathError, ParameterError
+
 from .transforms import DEFAULT_SCALES, make_coco_transforms
 
-Target = Dict[str, Tensor]
-PathLike = Union[str, Path]
+Target = dict[str, Tensor]
+PathLike = str | Path
 
 _REQUIRED_ANNOTATION_KEYS = ("bbox", "category_id", "area")
 
 
-def prepare_target(image_size: Tuple[int, int], image_id: int,
-                   annotations: Sequence[Dict[str, Any]]) -> Target:
+def prepare_target(image_size: tuple[int, int], image_id: int,
+                   annotations: Sequence[dict[str, Any]]) -> Target:
     """Turn the COCO annotations of one image into a target dict, as the original does.
 
     Crowd annotations (``iscrowd == 1``) are dropped; ``bbox`` ``(x, y, w, h)`` becomes
@@ -64,63 +67,72 @@ def prepare_target(image_size: Tuple[int, int], image_id: int,
     }
 
 
-class BadImageError(RuntimeError):
+class BadImageError(InputError, RuntimeError):
     """An image file of the dataset is missing, empty, truncated or not an image."""
 
 
 def _check_annotations(data: Any, ann_file: Path) -> None:
-    """Raise ``ValueError`` naming ``ann_file`` and the culprit if ``data`` is not usable COCO."""
+    """Raise :class:`~util.errors.InputValueError` naming ``ann_file`` and the culprit if ``data``
+    is not usable COCO."""
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: expected a JSON object with 'images' and 'annotations', "
-                         f"got a {type(data).__name__}")
+        raise InputValueError(f"{ann_file}: expected a JSON object with 'images' and 'annotations', "
+                              f"got a {type(data).__name__}")
     missing = [key for key in ("images", "annotations") if key not in data]
     if missing:
-        raise ValueError(f"{ann_file}: no {' or '.join(repr(k) for k in missing)} list; is this a COCO "
-                         f"instances file?")
+        raise InputValueError(f"{ann_file}: no {' or '.join(repr(k) for k in missing)} list; is this a "
+                              f"COCO instances file?")
     image_ids = set()
     for i, image in enumerate(data["images"]):
         for key in ("id", "file_name"):
             if key not in image:
-                raise ValueError(f"{ann_file}: images[{i}] has no '{key}'")
+                raise InputValueError(f"{ann_file}: images[{i}] has no '{key}'")
         image_ids.add(image["id"])
     seen, duplicates = set(), set()
     for i, ann in enumerate(data["annotations"]):
         for key in ("id", "image_id", "bbox", "category_id"):
             if key not in ann:
-                raise ValueError(f"{ann_file}: annotations[{i}] has no '{key}'")
+                raise InputValueError(f"{ann_file}: annotations[{i}] has no '{key}'")
         if ann["id"] in seen:
             duplicates.add(ann["id"])
         seen.add(ann["id"])
         if ann["image_id"] not in image_ids:
-            raise ValueError(f"{ann_file}: annotation {ann['id']} refers to image {ann['image_id']}, "
-                             f"which is not in 'images'")
+            raise InputValueError(f"{ann_file}: annotation {ann['id']} refers to image {ann['image_id']}, "
+                                  f"which is not in 'images'")
         bbox = ann["bbox"]
         if len(bbox) != 4:
-            raise ValueError(f"{ann_file}: annotation {ann['id']} (image {ann['image_id']}) has bbox {bbox}; "
-                             f"expected [x, y, width, height]")
+            raise InputValueError(f"{ann_file}: annotation {ann['id']} (image {ann['image_id']}) has bbox "
+                                  f"{bbox}; expected [x, y, width, height]")
         if bbox[2] < 0 or bbox[3] < 0:
-            raise ValueError(f"{ann_file}: annotation {ann['id']} (image {ann['image_id']}) has a negative "
-                             f"width or height in bbox {bbox}")
+            raise InputValueError(f"{ann_file}: annotation {ann['id']} (image {ann['image_id']}) has a "
+                                  f"negative width or height in bbox {bbox}")
     if duplicates:
-        raise ValueError(f"{ann_file}: annotation ids are not unique: {sorted(duplicates)[:10]} "
-                         f"({len(duplicates)} repeated)")
+        raise InputValueError(f"{ann_file}: annotation ids are not unique: {sorted(duplicates)[:10]} "
+                              f"({len(duplicates)} repeated)")
 
 
 def load_coco_annotations(ann_file: PathLike) -> COCO:
     """Read and check a COCO ``instances_*.json`` file; errors name the file and the culprit."""
     ann_file = Path(ann_file)
     if not ann_file.is_file():
-        raise FileNotFoundError(f"COCO annotation file {ann_file} does not exist")
+        raise InputFileNotFoundError(f"COCO annotation file {ann_file} does not exist")
     try:
         data = json.loads(ann_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{ann_file} is not valid JSON: {err}") from err
+        raise InputValueError(f"{ann_file} is not valid JSON: {err}") from err
     _check_annotations(data, ann_file)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its indexing progress
         coco.createIndex()
     return coco
+
+
+def check_num_classes(coco: COCO, num_classes: int) -> None:
+    """The classifier indexes classes by category id, so it needs more outputs than the largest id."""
+    category_ids = coco.getCatIds()
+    if category_ids and max(category_ids) >= num_classes:
+        raise ParameterError("num_classes", num_classes, f"is too small: the annotations hold category id "
+                                                         f"{max(category_ids)}; use {max(category_ids) + 1} or more")
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -144,22 +156,22 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, img_folder: PathLike, ann_file: PathLike,
-                 transforms: Optional[Callable[[PIL.Image.Image, Target], Tuple[Any, Target]]] = None,
+                 transforms: Callable[[PIL.Image.Image, Target], tuple[Any, Target]] | None = None,
                  cache_mode: bool = False, local_rank: int = 0, local_size: int = 1,
                  skip_bad_images: bool = False):
         self.img_folder = Path(img_folder)
         if not self.img_folder.is_dir():
-            raise FileNotFoundError(f"COCO image folder {self.img_folder} does not exist")
+            raise InputFileNotFoundError(f"COCO image folder {self.img_folder} does not exist")
         if not 0 <= local_rank < local_size:
             raise ValueError(f"local_rank {local_rank} is outside [0, local_size={local_size})")
         self.coco = load_coco_annotations(ann_file)
         self.skip_bad_images = skip_bad_images
-        self.ids: List[int] = sorted(self.coco.imgs.keys())
+        self.ids: list[int] = sorted(self.coco.imgs.keys())
         self.transforms = transforms
         self.cache_mode = cache_mode
         self.local_rank = local_rank
         self.local_size = local_size
-        self.cache: Dict[str, bytes] = {}
+        self.cache: dict[str, bytes] = {}
         if cache_mode:
             for index in range(local_rank, len(self.ids), local_size):
                 file_name = self._file_name(index)
@@ -188,9 +200,10 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def _bad_image(self, index: int, err: Exception) -> BadImageError:
         return BadImageError(f"cannot read image {self.img_folder / self._file_name(index)} (image id "
-                             f"{self.ids[index]}): {err}; fix or remove it, or pass --skip_bad_images")
+                             f"{self.ids[index]}): {err}; fix or remove it, or skip unreadable images "
+                             f"(skip_bad_images)")
 
-    def _load_readable(self, index: int) -> Tuple[int, PIL.Image.Image]:
+    def _load_readable(self, index: int) -> tuple[int, PIL.Image.Image]:
         """``(index, image)``; with ``skip_bad_images``, the first readable from ``index`` on."""
         for attempt in range(len(self.ids)):
             candidate = (index + attempt) % len(self.ids)
@@ -202,7 +215,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 warnings.warn(f"skipping: {err}", stacklevel=2)
         raise BadImageError(f"no image under {self.img_folder} can be read")
 
-    def __getitem__(self, index: int) -> Tuple[Any, Target]:
+    def __getitem__(self, index: int) -> tuple[Any, Target]:
         index, image = self._load_readable(index)
         image_id = self.ids[index]
         annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
@@ -217,7 +230,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
 def build(image_set: str, coco_path: PathLike, cache_mode: bool = False,
           scales: Sequence[int] = DEFAULT_SCALES, val_size: int = 800, max_size: int = 1333,
-          crop_resize_sizes: Sequence[int] = (400, 500, 600), crop_size_range: Tuple[int, int] = (384, 600),
+          crop_resize_sizes: Sequence[int] = (400, 500, 600), crop_size_range: tuple[int, int] = (384, 600),
           skip_bad_images: bool = False) -> CocoDetection:
     """The ``"train"`` or ``"val"`` split of COCO 2017 under ``coco_path`` with the original's
     transforms; the sizes are those of :func:`~datasets.transforms.make_coco_transforms`
@@ -232,11 +245,11 @@ def build(image_set: str, coco_path: PathLike, cache_mode: bool = False,
     root = Path(coco_path)
     layout = "expected train2017/, val2017/ and annotations/instances_{train,val}2017.json"
     if not root.is_dir():
-        raise FileNotFoundError(f"--coco_path {root} does not exist ({layout} there)")
+        raise MissingPathError("coco_path", str(root), f"does not exist ({layout} there)")
     missing = [name for name in (f"{image_set}2017", f"annotations/instances_{image_set}2017.json")
                if not (root / name).exists()]
     if missing:
-        raise FileNotFoundError(f"--coco_path {root} has no {' and no '.join(missing)} ({layout})")
+        raise MissingPathError("coco_path", str(root), f"has no {' and no '.join(missing)} ({layout})")
     # Only cache mode needs the node layout (LOCAL_WORLD_SIZE may be unset otherwise).
     local_rank, local_size = (get_local_rank(), get_local_size()) if cache_mode else (0, 1)
     transforms = make_coco_transforms(image_set, scales=scales, max_size=max_size,

@@ -6,7 +6,7 @@ Detections are collected per image on every process, gathered once, and evaluate
 import contextlib
 import copy
 import io
-from typing import Dict, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -64,10 +64,10 @@ class CocoEvaluator:
                              f"got {iou_types!r}")
         self.coco_gt = copy.deepcopy(coco_gt)
         self.iou_types = tuple(iou_types)
-        self.coco_eval: Dict[str, COCOeval] = {t: COCOeval(self.coco_gt, iouType=t) for t in self.iou_types}
+        self.coco_eval: dict[str, COCOeval] = {t: COCOeval(self.coco_gt, iouType=t) for t in self.iou_types}
         # Image id -> its detections, in first-seen order; an image seen again keeps its first
         # detections (the original keeps the first occurrence of a repeated image id too).
-        self.detections: Dict[int, np.ndarray] = {}
+        self.detections: dict[int, np.ndarray] = {}
         self._evaluated = False
 
     def update(self, predictions: Mapping[int, Mapping[str, Tensor]]) -> None:
@@ -84,7 +84,7 @@ class CocoEvaluator:
 
     def synchronize_between_processes(self) -> None:
         """Gather every process's detections and run ``COCOeval.evaluate()`` on all of them."""
-        merged: Dict[int, np.ndarray] = {}
+        merged: dict[int, np.ndarray] = {}
         for detections in all_gather(self.detections):
             for image_id, rows in detections.items():
                 merged.setdefault(image_id, rows)

@@ -6,7 +6,7 @@ processes keeps dataset index ``i`` in memory iff ``i % L == r``.
 cache. Without cache mode use :class:`torch.utils.data.DistributedSampler`.
 """
 import math
-from typing import Iterator, Optional, Sized
+from collections.abc import Iterator, Sized
 
 import torch
 from torch.utils.data import Sampler
@@ -35,8 +35,8 @@ class NodeDistributedSampler(Sampler[int]):
         seed: added to the epoch to seed the permutation (0 in the original).
     """
 
-    def __init__(self, dataset: Sized, num_replicas: Optional[int] = None, rank: Optional[int] = None,
-                 local_rank: Optional[int] = None, local_size: Optional[int] = None,
+    def __init__(self, dataset: Sized, num_replicas: int | None = None, rank: int | None = None,
+                 local_rank: int | None = None, local_size: int | None = None,
                  shuffle: bool = True, seed: int = 0):
         self.num_replicas = get_world_size() if num_replicas is None else num_replicas
         self.rank = get_rank() if rank is None else rank

@@ -11,7 +11,8 @@ through ``torchvision.transforms.RandomCrop.get_params``), the same generators a
 seeding both reproduces its draws.
 """
 import random
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import PIL.Image
 import torch
@@ -21,8 +22,8 @@ from torch import Tensor
 
 from util.box_ops import box_xyxy_to_cxcywh
 
-Target = Dict[str, Tensor]
-Transform = Callable[..., Tuple]
+Target = dict[str, Tensor]
+Transform = Callable[..., tuple]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,8 +31,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SCALES = tuple(range(480, 801, 32))
 
 
-def crop(image: PIL.Image.Image, target: Target, region: Tuple[int, int, int, int]
-         ) -> Tuple[PIL.Image.Image, Target]:
+def crop(image: PIL.Image.Image, target: Target, region: tuple[int, int, int, int]
+         ) -> tuple[PIL.Image.Image, Target]:
     """Crop ``region = (top, left, height, width)``.
 
     Boxes are shifted, clipped to the crop and their ``area`` becomes the clipped box area; boxes
@@ -54,7 +55,7 @@ def crop(image: PIL.Image.Image, target: Target, region: Tuple[int, int, int, in
     return cropped, target
 
 
-def hflip(image: PIL.Image.Image, target: Target) -> Tuple[PIL.Image.Image, Target]:
+def hflip(image: PIL.Image.Image, target: Target) -> tuple[PIL.Image.Image, Target]:
     """Mirror left-right; a box ``(x0, y0, x1, y1)`` becomes ``(w - x1, y0, w - x0, y1)``."""
     flipped = F.hflip(image)
     target = dict(target)
@@ -66,8 +67,8 @@ def hflip(image: PIL.Image.Image, target: Target) -> Tuple[PIL.Image.Image, Targ
     return flipped, target
 
 
-def get_size_with_aspect_ratio(image_size: Tuple[int, int], size: int,
-                               max_size: Optional[int] = None) -> Tuple[int, int]:
+def get_size_with_aspect_ratio(image_size: tuple[int, int], size: int,
+                               max_size: int | None = None) -> tuple[int, int]:
     """Output ``(h, w)`` when resizing ``image_size = (w, h)`` so its short side is ``size``.
 
     If the long side would then exceed ``max_size``, the short side target shrinks instead. The
@@ -92,8 +93,8 @@ def get_size_with_aspect_ratio(image_size: Tuple[int, int], size: int,
     return size, int(size * w / h)
 
 
-def resize(image: PIL.Image.Image, target: Optional[Target], size: int,
-           max_size: Optional[int] = None) -> Tuple[PIL.Image.Image, Optional[Target]]:
+def resize(image: PIL.Image.Image, target: Target | None, size: int,
+           max_size: int | None = None) -> tuple[PIL.Image.Image, Target | None]:
     """Resize so the short side is ``size`` (see :func:`get_size_with_aspect_ratio`).
 
     PIL images are resampled bilinearly (torchvision's default, as in the original). Boxes and
@@ -120,7 +121,7 @@ class RandomHorizontalFlip:
     def __init__(self, p: float = 0.5):
         self.p = p
 
-    def __call__(self, image: PIL.Image.Image, target: Target) -> Tuple[PIL.Image.Image, Target]:
+    def __call__(self, image: PIL.Image.Image, target: Target) -> tuple[PIL.Image.Image, Target]:
         if random.random() < self.p:
             return hflip(image, target)
         return image, target
@@ -132,14 +133,14 @@ class RandomHorizontalFlip:
 class RandomResize:
     """Resize the short side to a size drawn uniformly from ``sizes``, long side at most ``max_size``."""
 
-    def __init__(self, sizes: Sequence[int], max_size: Optional[int] = None):
+    def __init__(self, sizes: Sequence[int], max_size: int | None = None):
         if not isinstance(sizes, (list, tuple)) or len(sizes) == 0:
             raise ValueError(f"sizes must be a non-empty list or tuple of ints, got {sizes!r}")
         self.sizes = sizes
         self.max_size = max_size
 
-    def __call__(self, image: PIL.Image.Image, target: Optional[Target] = None
-                 ) -> Tuple[PIL.Image.Image, Optional[Target]]:
+    def __call__(self, image: PIL.Image.Image, target: Target | None = None
+                 ) -> tuple[PIL.Image.Image, Target | None]:
         return resize(image, target, random.choice(self.sizes), self.max_size)
 
     def __repr__(self) -> str:
@@ -158,7 +159,7 @@ class RandomSizeCrop:
         self.min_size = min_size
         self.max_size = max_size
 
-    def __call__(self, image: PIL.Image.Image, target: Target) -> Tuple[PIL.Image.Image, Target]:
+    def __call__(self, image: PIL.Image.Image, target: Target) -> tuple[PIL.Image.Image, Target]:
         if min(image.width, image.height) < self.min_size:
             raise ValueError(f"image of size (w, h) = {image.size} is smaller than the crop "
                              f"minimum {self.min_size}")
@@ -180,7 +181,7 @@ class RandomSelect:
         self.transforms2 = transforms2
         self.p = p
 
-    def __call__(self, image: PIL.Image.Image, target: Target) -> Tuple[PIL.Image.Image, Target]:
+    def __call__(self, image: PIL.Image.Image, target: Target) -> tuple[PIL.Image.Image, Target]:
         if random.random() < self.p:
             return self.transforms1(image, target)
         return self.transforms2(image, target)
@@ -192,8 +193,8 @@ class RandomSelect:
 class ToTensor:
     """PIL image to a ``(3, H, W)`` float32 tensor in ``[0, 1]``; the target is unchanged."""
 
-    def __call__(self, image: PIL.Image.Image, target: Optional[Target] = None
-                 ) -> Tuple[Tensor, Optional[Target]]:
+    def __call__(self, image: PIL.Image.Image, target: Target | None = None
+                 ) -> tuple[Tensor, Target | None]:
         return F.to_tensor(image), target
 
     def __repr__(self) -> str:
@@ -211,7 +212,7 @@ class Normalize:
         self.mean = list(mean)
         self.std = list(std)
 
-    def __call__(self, image: Tensor, target: Optional[Target] = None) -> Tuple[Tensor, Optional[Target]]:
+    def __call__(self, image: Tensor, target: Target | None = None) -> tuple[Tensor, Target | None]:
         image = F.normalize(image, mean=self.mean, std=self.std)
         if target is None:
             return image, None
@@ -232,7 +233,7 @@ class Compose:
     def __init__(self, transforms: Sequence[Transform]):
         self.transforms = list(transforms)
 
-    def __call__(self, image: Any, target: Optional[Target]) -> Tuple[Any, Optional[Target]]:
+    def __call__(self, image: Any, target: Target | None) -> tuple[Any, Target | None]:
         for transform in self.transforms:
             image, target = transform(image, target)
         return image, target
@@ -244,7 +245,7 @@ class Compose:
 
 def make_coco_transforms(image_set: str, scales: Sequence[int] = DEFAULT_SCALES, max_size: int = 1333,
                          crop_resize_sizes: Sequence[int] = (400, 500, 600),
-                         crop_size_range: Tuple[int, int] = (384, 600), val_size: int = 800) -> Compose:
+                         crop_size_range: tuple[int, int] = (384, 600), val_size: int = 800) -> Compose:
     """The original's COCO pipelines; the defaults reproduce it exactly.
 
     ``"train"``: horizontal flip (p=0.5), then with equal probability either a resize of the short

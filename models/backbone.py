@@ -1,17 +1,17 @@
 """ResNet backbone with frozen BatchNorm, and its pairing with the positional encoding."""
 import os
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple, Type
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from util.misc import NestedTensor
+from util.errors import InputValueError, MissingPathError, ParameterError
+from util.misc import NestedTensor, interpolate_mask
 
 from .position_encoding import build_position_encoding
 
@@ -21,7 +21,7 @@ BASIC_BLOCK_LAYERS = {"resnet10": [1, 1, 1, 1], "resnet18": [2, 2, 2, 2], "resne
 NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}
 
 
-def basic_block_resnet(layers: Sequence[int], base_width: int, norm_layer: Type[nn.Module]) -> nn.Sequential:
+def basic_block_resnet(layers: Sequence[int], base_width: int, norm_layer: type[nn.Module]) -> nn.Sequential:
     """A ResNet of torchvision's ``BasicBlock`` with stage widths ``base_width * (1, 2, 4, 8)``.
 
     The module names (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ...) are
@@ -72,26 +72,29 @@ def load_resnet_weights(resnet: nn.Module, name: str, weights: str) -> None:
             state_dict = torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True)
         except (OSError, RuntimeError) as err:
             cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-            raise RuntimeError(
-                f"cannot get torchvision's ImageNet weights for {name} from {url} ({err}). "
-                f"Either put that file in {cache}, or pass --backbone_weights none (random "
-                f"initialisation) or --backbone_weights /path/to/{name}.pth (a torchvision "
-                f"{name} state_dict)") from err
+            raise ParameterError(
+                "weights", weights,
+                f"cannot be fetched for {name} from {url} ({err}): put that file in {cache}, or use 'none' "
+                f"(random initialisation) or the path of a torchvision {name} state_dict") from err
         source = url
     else:
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"--backbone_weights {weights}: no such file (expected 'imagenet', "
-                                    f"'none' or the path of a torchvision {name} state_dict)")
-        state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+            raise MissingPathError("weights", weights, f"is no file (expected 'imagenet', 'none' or the path of "
+                                                     f"a torchvision {name} state_dict)")
         source = weights
+        try:
+            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # foreign bytes fail in many ways (UnpicklingError, EOFError, ...)
+            raise InputValueError(f"{source} is not a torchvision {name} state_dict saved by torch.save: "
+                                  f"{err}") from err
     try:
         missing, unexpected = resnet.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{source} is not a torchvision {name} state_dict: {err}") from err
+        raise InputValueError(f"{source} is not a torchvision {name} state_dict: {err}") from err
     unexpected = [k for k in unexpected if not k.startswith("fc.")]
     if missing or unexpected:
-        raise ValueError(f"{source} is not a torchvision {name} state_dict: missing keys {missing[:8]}, "
-                         f"unexpected keys {unexpected[:8]}")
+        raise InputValueError(f"{source} is not a torchvision {name} state_dict: missing keys {missing[:8]}, "
+                              f"unexpected keys {unexpected[:8]}")
 
 
 class Backbone(nn.Module):
@@ -114,20 +117,22 @@ class Backbone(nn.Module):
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
                  weights: str = "none", norm: str = "frozen", train_stem: bool = False, base_width: int = 64):
         super().__init__()
+        # Errors name ``name`` "backbone", as the build function and the command line do.
         if name not in RESNETS:
-            raise ValueError(f"--backbone must be one of {', '.join(RESNETS)}, got {name!r}")
+            raise ParameterError("backbone", name, f"is not one of {', '.join(RESNETS)}")
         if norm not in NORM_LAYERS:
-            raise ValueError(f"--backbone_norm must be one of {', '.join(NORM_LAYERS)}, got {norm!r}")
+            raise ParameterError("norm", norm, f"is not one of {', '.join(NORM_LAYERS)}")
         custom = name == "resnet10" or base_width != 64
         if custom and name not in BASIC_BLOCK_LAYERS:
-            raise ValueError(f"--backbone_width {base_width} needs a basic-block ResNet "
-                             f"({', '.join(BASIC_BLOCK_LAYERS)}), not {name}")
+            raise ParameterError("base_width", base_width, f"needs a basic-block ResNet "
+                                 f"({', '.join(BASIC_BLOCK_LAYERS)}), not {name}")
         if dilation and name in BASIC_BLOCK_LAYERS:
-            raise ValueError(f"--dilation (DC5) needs a bottleneck ResNet (resnet50, resnet101); "
-                             f"the basic blocks of {name} have no dilated form")
+            raise ParameterError("dilation", dilation, f"(DC5) needs a bottleneck ResNet (resnet50, resnet101); "
+                                 f"the basic blocks of {name} have no dilated form")
         if custom and weights == "imagenet":
-            raise ValueError(f"there are no ImageNet weights for {name} of width {base_width}: pass "
-                             f"--backbone_weights none or the path of a state_dict")
+            raise ParameterError("weights", weights, f"is not available for {name} of width {base_width} "
+                                 f"(torchvision has ImageNet weights for its own ResNets only): use 'none' or "
+                                 f"the path of a state_dict")
         norm_layer = NORM_LAYERS[norm]
         if custom:
             resnet = basic_block_resnet(BASIC_BLOCK_LAYERS[name], base_width, norm_layer)
@@ -146,13 +151,12 @@ class Backbone(nn.Module):
         self.num_channels = [_stage_out_channels(getattr(resnet, stage)) for stage in stages]
         self.body = IntermediateLayerGetter(resnet, return_layers={stage: str(i) for i, stage in enumerate(stages)})
 
-    def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
+    def forward(self, tensor_list: NestedTensor) -> dict[str, NestedTensor]:
         """Feature maps ``(B, C_l, H_l, W_l)`` with their padding masks ``(B, H_l, W_l)``."""
         features = self.body(tensor_list.tensors)
-        out: Dict[str, NestedTensor] = {}
+        out: dict[str, NestedTensor] = {}
         for name, x in features.items():
-            mask = F.interpolate(tensor_list.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
-            out[name] = NestedTensor(x, mask)
+            out[name] = NestedTensor(x, interpolate_mask(tensor_list.mask, x.shape[-2:]))
         return out
 
 
@@ -165,7 +169,7 @@ class Joiner(nn.Sequential):
         self.strides = backbone.strides
         self.num_channels = backbone.num_channels
 
-    def forward(self, tensor_list: NestedTensor) -> Tuple[List[NestedTensor], List[Tensor]]:
+    def forward(self, tensor_list: NestedTensor) -> tuple[list[NestedTensor], list[Tensor]]:
         features = self[0](tensor_list)
         out = [features[name] for name in sorted(features)]
         pos = [self[1](x).to(x.tensors.dtype) for x in out]

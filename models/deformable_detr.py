@@ -1,7 +1,7 @@
 """The Deformable DETR detector, its set criterion and its post-processor."""
 import copy
 import math
-from typing import Dict, List, Sequence, Tuple, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,8 @@ from torchvision.ops import sigmoid_focal_loss
 
 from util import box_ops
 from util.dist import get_world_size, is_dist_avail_and_initialized
-from util.misc import NestedTensor, accuracy, inverse_sigmoid, nested_tensor_from_tensor_list
+from util.errors import ParameterError
+from util.misc import NestedTensor, accuracy, interpolate_mask, inverse_sigmoid, nested_tensor_from_tensor_list
 
 from .backbone import Joiner, build_backbone
 from .deformable_transformer import DeformableTransformer, build_deformable_transformer
@@ -53,11 +54,11 @@ class DeformableDETR(nn.Module):
         super().__init__()
         num_backbone_outs = len(backbone.strides)
         if num_feature_levels < num_backbone_outs:
-            raise ValueError(f"num_feature_levels ({num_feature_levels}) is below the backbone's "
-                             f"{num_backbone_outs} feature maps")
+            raise ParameterError("num_feature_levels", num_feature_levels,
+                                 f"is below the backbone's {num_backbone_outs} feature maps")
         if two_stage and not with_box_refine:
             # the original fails here too: the proposal head is taken from the refinement heads
-            raise ValueError("two_stage needs with_box_refine (--two_stage --with_box_refine)")
+            raise ParameterError("two_stage", two_stage, "needs with_box_refine")
         self.num_queries = num_queries
         self.transformer = transformer
         hidden_dim = transformer.d_model
@@ -112,7 +113,7 @@ class DeformableDETR(nn.Module):
             for box_head in self.bbox_embed:
                 nn.init.constant_(box_head.layers[-1].bias[2:], 0.0)
 
-    def forward(self, samples: Union[NestedTensor, Sequence[Tensor]]) -> Dict:
+    def forward(self, samples: NestedTensor | Sequence[Tensor]) -> dict:
         """
         Args:
             samples: a :class:`NestedTensor` (``tensors (B, 3, H, W)``, ``mask (B, H, W)`` with
@@ -135,7 +136,7 @@ class DeformableDETR(nn.Module):
             masks.append(mask)
         for level in range(len(srcs), self.num_feature_levels):
             src = self.input_proj[level](features[-1].tensors if level == len(features) else srcs[-1])
-            mask = F.interpolate(samples.mask[None].float(), size=src.shape[-2:]).to(torch.bool)[0]
+            mask = interpolate_mask(samples.mask, src.shape[-2:])
             srcs.append(src)
             masks.append(mask)
             pos.append(self.backbone[1](NestedTensor(src, mask)).to(src.dtype))
@@ -179,7 +180,7 @@ class SetCriterion(nn.Module):
         focal_alpha: alpha of the focal loss (gamma is 2).
     """
 
-    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: Dict[str, float],
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  losses: Sequence[str], focal_alpha: float = 0.25):
         super().__init__()
         unknown = set(losses) - {"labels", "boxes", "cardinality"}
@@ -192,13 +193,13 @@ class SetCriterion(nn.Module):
         self.focal_alpha = focal_alpha
 
     @staticmethod
-    def _src_permutation_idx(indices: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    def _src_permutation_idx(indices: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         return batch_idx, src_idx
 
-    def loss_labels(self, outputs: Dict, targets: List[Dict], indices, num_boxes: float,
-                    log: bool = True) -> Dict[str, Tensor]:
+    def loss_labels(self, outputs: dict, targets: list[dict], indices, num_boxes: float,
+                    log: bool = True) -> dict[str, Tensor]:
         """Sigmoid focal loss over all queries and classes (matched queries' target class is 1)."""
         src_logits = outputs["pred_logits"]
         idx = self._src_permutation_idx(indices)
@@ -217,7 +218,7 @@ class SetCriterion(nn.Module):
         return losses
 
     @torch.no_grad()
-    def loss_cardinality(self, outputs: Dict, targets: List[Dict], indices, num_boxes: float) -> Dict[str, Tensor]:
+    def loss_cardinality(self, outputs: dict, targets: list[dict], indices, num_boxes: float) -> dict[str, Tensor]:
         """Logged only. Kept from DETR's softmax head as in the original: it counts queries whose
         top class is not the last one, which with sigmoid logits is nearly every query."""
         pred_logits = outputs["pred_logits"]
@@ -225,7 +226,7 @@ class SetCriterion(nn.Module):
         card_pred = (pred_logits.argmax(-1) != pred_logits.shape[-1] - 1).sum(1)
         return {"cardinality_error": F.l1_loss(card_pred.float(), tgt_lengths.float())}
 
-    def loss_boxes(self, outputs: Dict, targets: List[Dict], indices, num_boxes: float) -> Dict[str, Tensor]:
+    def loss_boxes(self, outputs: dict, targets: list[dict], indices, num_boxes: float) -> dict[str, Tensor]:
         """L1 and GIoU losses of the matched boxes, each summed and divided by ``num_boxes``."""
         idx = self._src_permutation_idx(indices)
         src_boxes = outputs["pred_boxes"][idx]
@@ -235,8 +236,8 @@ class SetCriterion(nn.Module):
                                                                box_ops.box_cxcywh_to_xyxy(target_boxes)))
         return {"loss_bbox": loss_bbox.sum() / num_boxes, "loss_giou": loss_giou.sum() / num_boxes}
 
-    def _losses_for(self, outputs: Dict, targets: List[Dict], num_boxes: float, suffix: str,
-                    log: bool) -> Dict[str, Tensor]:
+    def _losses_for(self, outputs: dict, targets: list[dict], num_boxes: float, suffix: str,
+                    log: bool) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
         losses = {}
         for loss in self.losses:
@@ -249,7 +250,7 @@ class SetCriterion(nn.Module):
             losses.update({k + suffix: v for k, v in result.items()})
         return losses
 
-    def forward(self, outputs: Dict, targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """
         Args:
             outputs: the model's output dict.
@@ -285,7 +286,7 @@ class PostProcess(nn.Module):
         self.num_select = num_select
 
     @torch.no_grad()
-    def forward(self, outputs: Dict, target_sizes: Tensor) -> List[Dict[str, Tensor]]:
+    def forward(self, outputs: dict, target_sizes: Tensor) -> list[dict[str, Tensor]]:
         """
         Args:
             outputs: ``pred_logits (B, Q, K)`` and ``pred_boxes (B, Q, 4)``.
@@ -309,10 +310,10 @@ class PostProcess(nn.Module):
         img_h, img_w = target_sizes.unbind(1)
         scale_fct = torch.stack([img_w, img_h, img_w, img_h], dim=1)
         boxes = boxes * scale_fct[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+        return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
 
 
-def build(args) -> Tuple[DeformableDETR, SetCriterion, Dict[str, nn.Module]]:
+def build(args) -> tuple[DeformableDETR, SetCriterion, dict[str, nn.Module]]:
     """``(model, criterion, postprocessors)`` from the command-line arguments."""
     backbone = build_backbone(args)
     transformer = build_deformable_transformer(args)

@@ -1,12 +1,12 @@
 """The deformable transformer: encoder and decoder of multi-scale deformable attention."""
 import copy
 import math
-from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from util.errors import ParameterError
 from util.misc import inverse_sigmoid
 
 from .ms_deform_attn import MSDeformAttn
@@ -41,7 +41,7 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(self, src: Tensor, pos: Tensor, reference_points: Tensor, spatial_shapes: Tensor,
-                level_start_index: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+                level_start_index: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """``src``, ``pos``: ``(B, S, d_model)``; ``reference_points``: ``(B, S, levels, 2)``."""
         src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(src2))
@@ -56,7 +56,7 @@ class DeformableTransformerEncoder(nn.Module):
         self.num_layers = num_layers
 
     @staticmethod
-    def get_reference_points(spatial_shapes: List[Tuple[int, int]], valid_ratios: Tensor,
+    def get_reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor,
                              device: torch.device) -> Tensor:
         """Pixel centres of every level as reference points for every level.
 
@@ -81,9 +81,9 @@ class DeformableTransformerEncoder(nn.Module):
         reference_points = torch.cat(points, 1)
         return reference_points[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src: Tensor, spatial_shapes: Tensor, spatial_shapes_list: List[Tuple[int, int]],
+    def forward(self, src: Tensor, spatial_shapes: Tensor, spatial_shapes_list: list[tuple[int, int]],
                 level_start_index: Tensor, valid_ratios: Tensor, pos: Tensor,
-                padding_mask: Optional[Tensor] = None) -> Tensor:
+                padding_mask: Tensor | None = None) -> Tensor:
         """``src``, ``pos``: ``(B, S, d_model)``; returns the memory ``(B, S, d_model)``."""
         reference_points = self.get_reference_points(spatial_shapes_list, valid_ratios, device=src.device)
         output = src
@@ -115,7 +115,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, src: Tensor,
                 src_spatial_shapes: Tensor, level_start_index: Tensor,
-                src_padding_mask: Optional[Tensor] = None) -> Tensor:
+                src_padding_mask: Tensor | None = None) -> Tensor:
         """``tgt``, ``query_pos``: ``(B, Q, d_model)``; ``reference_points``: ``(B, Q, levels, 2|4)``;
         ``src``: ``(B, S, d_model)``."""
         q = k = tgt + query_pos
@@ -149,12 +149,12 @@ class DeformableTransformerDecoder(nn.Module):
         self.layers = _clones(decoder_layer, num_layers)
         self.num_layers = num_layers
         self.return_intermediate = return_intermediate
-        self.bbox_embed: Optional[nn.ModuleList] = None
-        self.class_embed: Optional[nn.ModuleList] = None
+        self.bbox_embed: nn.ModuleList | None = None
+        self.class_embed: nn.ModuleList | None = None
 
     def forward(self, tgt: Tensor, reference_points: Tensor, src: Tensor, src_spatial_shapes: Tensor,
                 src_level_start_index: Tensor, src_valid_ratios: Tensor, query_pos: Tensor,
-                src_padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                src_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """
         Args:
             tgt, query_pos: ``(B, Q, d_model)``.
@@ -271,7 +271,7 @@ class DeformableTransformer(nn.Module):
         return torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)
 
     def gen_encoder_output_proposals(self, memory: Tensor, memory_padding_mask: Tensor,
-                                     spatial_shapes: List[Tuple[int, int]]) -> Tuple[Tensor, Tensor]:
+                                     spatial_shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
         """One proposal box per encoder token: centred on its pixel, of size ``0.05 * 2**level``.
 
         Args:
@@ -317,9 +317,9 @@ class DeformableTransformer(nn.Module):
         valid_w = torch.sum(~mask[:, 0, :], 1)
         return torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
 
-    def forward(self, srcs: List[Tensor], masks: List[Tensor], pos_embeds: List[Tensor],
-                query_embed: Optional[Tensor] = None
-                ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    def forward(self, srcs: list[Tensor], masks: list[Tensor], pos_embeds: list[Tensor],
+                query_embed: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """
         Args:
             srcs: per level ``(B, d_model, H_l, W_l)``.
@@ -356,9 +356,9 @@ class DeformableTransformer(nn.Module):
         if self.two_stage:
             num_tokens = sum(h * w for h, w in spatial_shapes_list)
             if self.two_stage_num_proposals > num_tokens:
-                raise ValueError(f"two-stage keeps {self.two_stage_num_proposals} proposals (--num_queries) but "
-                                 f"the encoder has only {num_tokens} tokens for feature maps "
-                                 f"{spatial_shapes_list}: use larger images or fewer queries")
+                raise ParameterError("two_stage_num_proposals", self.two_stage_num_proposals,
+                                     f"two-stage proposals are more than the encoder's {num_tokens} tokens "
+                                     f"for feature maps {spatial_shapes_list}: use larger images or fewer")
             output_memory, output_proposals = self.gen_encoder_output_proposals(memory, mask_flatten,
                                                                                 spatial_shapes_list)
             # The proposal heads are the detector's extra (last) class and box heads.

@@ -1,5 +1,4 @@
 """Hungarian matching between predictions and ground-truth boxes."""
-from typing import Dict, List, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -34,7 +33,7 @@ class HungarianMatcher(nn.Module):
         self.focal_gamma = focal_gamma
 
     @torch.no_grad()
-    def forward(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
+    def forward(self, outputs: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[tuple[Tensor, Tensor]]:
         """
         Args:
             outputs: ``pred_logits (B, Q, num_classes)`` and ``pred_boxes (B, Q, 4)`` (cx, cy, w, h).

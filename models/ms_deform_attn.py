@@ -1,6 +1,5 @@
 """Multi-scale deformable attention (the module; its sampling core is ``ops.ms_deform_attn``)."""
 import math
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +54,7 @@ class MSDeformAttn(nn.Module):
         nn.init.constant_(self.output_proj.bias, 0.0)
 
     def sampling_locations_and_weights(self, query: Tensor, reference_points: Tensor,
-                                       input_spatial_shapes: Tensor) -> Tuple[Tensor, Tensor]:
+                                       input_spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
         """Where each query samples and with what weight (arguments as in :meth:`forward`).
 
         Returns:

@@ -4,6 +4,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from util.errors import ParameterError
 from util.misc import NestedTensor
 
 
@@ -61,8 +62,8 @@ class PositionEmbeddingLearned(nn.Module):
         h, w = x.shape[-2:]
         max_len = self.row_embed.num_embeddings
         if h > max_len or w > max_len:
-            raise ValueError(f"learned position embedding covers at most {max_len}x{max_len} "
-                             f"feature maps, got {h}x{w}; use --position_embedding sine")
+            raise ParameterError("position_embedding", "learned", f"covers at most {max_len}x{max_len} "
+                                 f"feature maps, got {h}x{w}; use 'sine'")
         x_emb = self.col_embed(torch.arange(w, device=x.device))
         y_emb = self.row_embed(torch.arange(h, device=x.device))
         pos = torch.cat([x_emb.unsqueeze(0).expand(h, -1, -1), y_emb.unsqueeze(1).expand(-1, w, -1)], dim=-1)
@@ -75,4 +76,4 @@ def build_position_encoding(args) -> nn.Module:
         return PositionEmbeddingSine(num_pos_feats, normalize=True)
     if args.position_embedding == "learned":
         return PositionEmbeddingLearned(num_pos_feats)
-    raise ValueError(f"--position_embedding must be 'sine' or 'learned', got {args.position_embedding!r}")
+    raise ParameterError("position_embedding", args.position_embedding, "is not 'sine' or 'learned'")

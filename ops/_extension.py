@@ -5,7 +5,7 @@ Importing ``ops._C`` defines the operators ``deformable_detr::ms_deform_attn`` a
 kernels. This module adds what ``torch.compile`` and ``torch.export`` need on top: fake
 (meta) implementations of both and the autograd formula of the forward.
 """
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,7 +21,7 @@ else:
 BUILD_COMMAND = "python ops/setup.py build_ext --inplace"
 
 
-def unavailable_reason(device_type: str) -> Optional[str]:
+def unavailable_reason(device_type: str) -> str | None:
     """Why the compiled kernel cannot run on ``device_type``; ``None`` when it can."""
     if _C is None:
         return (f"the compiled extension ops._C is not built ({_IMPORT_ERROR}); "
@@ -35,24 +35,57 @@ def unavailable_reason(device_type: str) -> Optional[str]:
     return f"ops._C has no kernel for device type {device_type!r}"
 
 
+def _check_shapes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
+                  attention_weights: Tensor) -> None:
+    """The kernels' shape and dtype checks (ValueError, as theirs), in a form that tracing with
+    symbolic sizes can record."""
+    torch._check_value(value.dim() == 4, lambda: f"value must be (B, S, heads, C), got shape {tuple(value.shape)}")
+    torch._check_value(spatial_shapes.dim() == 2 and spatial_shapes.shape[1] == 2,
+                       lambda: f"spatial_shapes must be (levels, 2), got shape {tuple(spatial_shapes.shape)}")
+    levels = spatial_shapes.shape[0]
+    torch._check_value(level_start_index.dim() == 1 and level_start_index.shape[0] == levels,
+                       lambda: f"level_start_index must be (levels,), got shape {tuple(level_start_index.shape)}")
+    torch._check_value(sampling_locations.dim() == 6 and sampling_locations.shape[5] == 2,
+                       lambda: "sampling_locations must be (B, Lq, heads, levels, points, 2), got shape "
+                               f"{tuple(sampling_locations.shape)}")
+    batch, _, heads, _ = value.shape
+    torch._check_value(sampling_locations.shape[0] == batch and sampling_locations.shape[2] == heads
+                       and sampling_locations.shape[3] == levels,
+                       lambda: f"sampling_locations {tuple(sampling_locations.shape)} does not match value "
+                               f"{tuple(value.shape)} and {levels} levels")
+    torch._check_value(attention_weights.shape == sampling_locations.shape[:5],
+                       lambda: "attention_weights must be (B, Lq, heads, levels, points), got shape "
+                               f"{tuple(attention_weights.shape)}")
+    torch._check_value(value.is_floating_point(), lambda: f"value must be floating point, got {value.dtype}")
+    torch._check_value(sampling_locations.dtype == value.dtype and attention_weights.dtype == value.dtype,
+                       lambda: "value, sampling_locations and attention_weights must share a dtype")
+    torch._check_value(not (spatial_shapes.is_floating_point() or level_start_index.is_floating_point()),
+                       lambda: "spatial_shapes and level_start_index must be integer tensors")
+
+
 def _register() -> None:
     @torch.library.register_fake("deformable_detr::ms_deform_attn")
     def _forward_fake(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
                       sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+        _check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         batch, _, heads, channels = value.shape
         return value.new_empty((batch, sampling_locations.shape[1], heads * channels))
 
     @torch.library.register_fake("deformable_detr::ms_deform_attn_backward")
     def _backward_fake(grad_output: Tensor, value: Tensor, spatial_shapes: Tensor,
                        level_start_index: Tensor, sampling_locations: Tensor,
-                       attention_weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+                       attention_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        _check_shapes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        batch, _, heads, channels = value.shape
+        torch._check_value(grad_output.shape == (batch, sampling_locations.shape[1], heads * channels),
+                           lambda: f"grad_output must be (B, Lq, heads * C), got shape {tuple(grad_output.shape)}")
         return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
                 attention_weights.new_empty(attention_weights.shape))
 
-    def _setup_context(ctx: Any, inputs: Tuple[Tensor, ...], output: Tensor) -> None:
+    def _setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         ctx.save_for_backward(*inputs)
 
-    def _backward(ctx: Any, grad_output: Tensor) -> Tuple[Optional[Tensor], ...]:
+    def _backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
             ctx.saved_tensors)
         grad_value, grad_locations, grad_weights = torch.ops.deformable_detr.ms_deform_attn_backward(

@@ -7,7 +7,6 @@ otherwise.
 """
 import os
 import warnings
-from typing import Set
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ from . import _extension
 BACKEND_ENV = "MSDA_BACKEND"
 _BACKENDS = ("auto", "compiled", "pytorch")
 _REDUCED_FLOATS = (torch.float16, torch.bfloat16)
-_warned_reasons: Set[str] = set()
+_warned_reasons: set[str] = set()
 
 
 def ms_deform_attn_pytorch(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,

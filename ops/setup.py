@@ -14,14 +14,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
 
 OPS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = OPS_DIR.parent
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
-def find_cuda_home() -> Optional[str]:
+def find_cuda_home() -> str | None:
     """The CUDA toolkit directory (with ``bin/nvcc`` and ``include/cuda_runtime.h``), or ``None``."""
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc_on_path = shutil.which("nvcc")
@@ -74,7 +73,7 @@ def cuda_extension():
     )
 
 
-def cuda_unavailable_reason() -> Optional[str]:
+def cuda_unavailable_reason() -> str | None:
     if os.environ.get("MSDA_WITH_CUDA", "1") == "0":
         return "MSDA_WITH_CUDA=0"
     if CUDA_HOME is None:

@@ -1,7 +1,14 @@
-"""main.py's parser keeps the original's flags, defaults and types."""
+"""main.py's command line: the original's flags, defaults and types; help for every flag; the
+variants' configs."""
+import subprocess
+import sys
+
 import pytest
 
-import main
+import datasets.transforms
+from util.flags import config_flags
+
+from helpers import REPO, parse, subprocess_env
 
 # The original main.py's defaults (fundamentalvision/Deformable-DETR, main.py), flag by flag.
 ORIGINAL_DEFAULTS = {
@@ -22,15 +29,12 @@ DROPPED = ["--lr_drop_epochs", "--position_embedding_scale", "--remove_difficult
            "--frozen_weights", "--mask_loss_coef", "--dice_loss_coef", "--coco_panoptic_path"]
 
 
-def parse(flags=()):
-    return main.get_args_parser().parse_args(list(flags))
-
-
 def test_defaults_match_the_original():
-    args = vars(parse())
+    args = vars(parse([]))
     for name, value in ORIGINAL_DEFAULTS.items():
         assert args[name] == value, name
     assert args["num_classes"] == 91 and args["backbone_weights"] == "imagenet"
+    assert args["train_scales"] == list(datasets.transforms.DEFAULT_SCALES)
 
 
 def test_types_match_the_original():
@@ -51,5 +55,33 @@ def test_dropped_flags_are_rejected(flag):
         parse([flag, "1"])
 
 
-def test_parser_has_no_help_so_it_can_be_a_parent():
-    assert main.get_args_parser().add_help is False
+def run_main(*argv: str, python_flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *python_flags, "main.py", *argv], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_documents_every_flag_with_its_default_without_importing_torch():
+    proc = run_main("--help", python_flags=("-X", "importtime"))
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for flag in ("--coco_path", "--eval", "--epochs", "--batch_size", "--lr_drop", "--with_box_refine", "--two_stage"):
+        assert flag in text
+    assert "(default: 50)" in text and "(default: ./data/coco)" in text
+    for group in ("variant:", "backbone:", "transformer:", "data:", "run:", "added by this reimplementation"):
+        assert group in text
+    # Every flag has a help text: argparse adds "(default: ...)" to each help text and only there.
+    assert text.count("(default:") == len(vars(parse([])))
+    # The parser answers before torch is imported (which takes seconds on a small machine).
+    imported = [line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "util.flags" in imported and "torch" not in imported
+
+
+def test_misspelled_flag_suggests_the_closest():
+    proc = run_main("--lr_dorp", "3")
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --lr_dorp 3 (--lr_dorp: did you mean --lr_drop?)" in proc.stderr
+
+
+def test_unknown_config_lists_the_known_ones():
+    with pytest.raises(FileNotFoundError, match="r50_deformable_detr_single_scale"):
+        config_flags("r50_nonexistent")

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import datasets.coco_eval
 import datasets.transforms as T
-import main
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco import CocoDetection, prepare_target
 from datasets.coco_eval import CocoEvaluator
@@ -27,6 +26,8 @@ from datasets.samplers import NodeDistributedSampler
 from tools.make_tiny_coco import CATEGORIES, make_tiny_coco
 from util.box_ops import box_cxcywh_to_xyxy
 from util.misc import NestedTensor, collate_fn
+
+from helpers import parse
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -38,7 +39,7 @@ NUM_TRAIN, NUM_VAL = 6, 4
 
 def data_args(coco_path):
     """main.py's defaults (original resize sizes) with ``--coco_path``."""
-    return main.get_args_parser().parse_args(["--coco_path", str(coco_path)])
+    return parse(["--coco_path", str(coco_path)])
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import sys
 import pytest
 from PIL import Image
 
-from train_helpers import REPO, subprocess_env
-
 from tools.make_synthetic_coco import make_synthetic_coco
+
+from helpers import REPO, subprocess_env
 
 
 @pytest.mark.slow

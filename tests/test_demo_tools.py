@@ -3,7 +3,6 @@ import argparse
 import hashlib
 import json
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -13,17 +12,16 @@ from pycocotools.coco import COCO
 
 import models.ms_deform_attn as ms_deform_attn_module
 from datasets import build_dataset
-from main import get_args_parser
 from models import build_model
 from tools import benchmark as benchmark_tool
 from tools import infer, plot_logs
 from tools.make_synthetic_coco import CATEGORIES, make_synthetic_coco
 
+from helpers import BOX_REFINE, MULTI_SCALE, TWO_STAGE, VARIANT_FLAGS, parse
+
 TINY_MODEL = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--nheads", "2",
               "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "2", "--num_queries", "10",
               "--num_classes", "13"]
-VARIANTS = {"plain": [], "box_refine": ["--with_box_refine"],
-            "two_stage": ["--with_box_refine", "--two_stage"]}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +29,7 @@ def shapes(tmp_path_factory) -> Path:
     return make_synthetic_coco(tmp_path_factory.mktemp("shapes"), num_train=6, num_val=40, image_size=128, seed=3)
 
 
-def _tree_digest(root: Path) -> Dict[str, str]:
+def _tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -64,12 +62,12 @@ def test_synthetic_coco_layout(shapes):
     assert {a["category_id"] for a in val["annotations"]} == {c["id"] for c in CATEGORIES}
 
     # main.py reads it as it reads COCO
-    args = get_args_parser().parse_args(["--coco_path", str(shapes)])
+    args = parse(["--coco_path", str(shapes)])
     image, target = build_dataset("val", args)[0]
     assert image.shape[-2:] == (800, 800) and len(target["boxes"]) > 0
 
 
-def _overlaps(a: List[float], b: List[float], margin: float) -> bool:
+def _overlaps(a: list[float], b: list[float], margin: float) -> bool:
     return not (a[0] + a[2] + margin <= b[0] or b[0] + b[2] + margin <= a[0]
                 or a[1] + a[3] + margin <= b[1] or b[1] + b[3] + margin <= a[1])
 
@@ -80,7 +78,7 @@ def test_synthetic_boxes_are_tight_on_the_shapes(shapes):
     each of the box's own edge rows and columns holds a pixel of it (the box is tight)."""
     data = json.loads((shapes / "annotations" / "instances_val2017.json").read_text())
     ring_id = next(c["id"] for c in CATEGORIES if c["name"] == "ring")  # a ring's centre is background
-    by_image: Dict[int, list] = {}
+    by_image: dict[int, list] = {}
     for ann in data["annotations"]:
         by_image.setdefault(ann["image_id"], []).append(ann)
     checked = 0
@@ -166,14 +164,14 @@ def test_plot_logs_missing(tmp_path):
 # ----- infer -----
 
 def _tiny_args(variant: str, *extra: str) -> argparse.Namespace:
-    return get_args_parser().parse_args(TINY_MODEL + VARIANTS[variant] + list(extra))
+    return parse(TINY_MODEL + VARIANT_FLAGS[variant] + list(extra))
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> Dict[str, Path]:
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Freshly initialised tiny models saved as main.py saves them (evaluation size 96, max 160)."""
     paths = {}
-    for variant in ("plain", "box_refine"):
+    for variant in (MULTI_SCALE, BOX_REFINE):
         torch.manual_seed(0)
         args = _tiny_args(variant, "--val_scale", "96", "--max_size", "160")
         model, _, _ = build_model(args)
@@ -191,13 +189,13 @@ def wide_image(tmp_path_factory) -> Path:
     return path
 
 
-def _parse_detections(text: str) -> List[List[str]]:
+def _parse_detections(text: str) -> list[list[str]]:
     return [line.split() for line in text.splitlines() if line and not line.startswith("#")]
 
 
 def test_infer_draws_and_prints(checkpoints, shapes, wide_image, tmp_path, capsys):
     val_image = shapes / "val2017" / f"{7:012d}.jpg"
-    infer.main(["--resume", str(checkpoints["box_refine"]), str(val_image), str(wide_image.parent),
+    infer.main(["--resume", str(checkpoints[BOX_REFINE]), str(val_image), str(wide_image.parent),
                 "--threshold", "0", "--top_k", "3", "--coco_path", str(shapes), "--out_dir", str(tmp_path)])
     printed = capsys.readouterr().out
     assert printed.count("# ") == 2
@@ -236,7 +234,7 @@ def test_infer_draws_and_prints(checkpoints, shapes, wide_image, tmp_path, capsy
         assert not (changed & ~allowed).any()
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", [MULTI_SCALE, BOX_REFINE, TWO_STAGE])
 def test_sampling_recorder_matches_msdeformattn(variant, monkeypatch):
     """The hook's locations and weights are exactly those MSDeformAttn hands to the sampling op."""
     torch.manual_seed(0)
@@ -262,7 +260,7 @@ def test_infer_sampling_points(checkpoints, wide_image, tmp_path, capsys):
     starts at zero) and the sampling offsets are symmetric about it (opposite head directions,
     zero offset weights), so in pixels the points' mean must be the printed box centre; this
     checks the mapping from padded-input coordinates to the original (non-square, resized) image."""
-    model, train_args = infer.load_model(checkpoints["plain"], "cpu")
+    model, train_args = infer.load_model(checkpoints[MULTI_SCALE], "cpu")
     _, detections, points = infer.infer_image(model, train_args, wide_image, torch.device("cpu"),
                                               threshold=0.0, top_k=3, num_sampling_dets=2)
     assert len(detections) == 3 and len(points) == 2
@@ -271,7 +269,7 @@ def test_infer_sampling_points(checkpoints, wide_image, tmp_path, capsys):
         x0, y0, x1, y1 = det.box
         assert torch.allclose(xy.mean(0), torch.tensor([(x0 + x1) / 2, (y0 + y1) / 2]), atol=1e-2)
 
-    common = ["--resume", str(checkpoints["plain"]), str(wide_image), "--threshold", "0", "--top_k", "3"]
+    common = ["--resume", str(checkpoints[MULTI_SCALE]), str(wide_image), "--threshold", "0", "--top_k", "3"]
     infer.main(common + ["--out_dir", str(tmp_path / "boxes")])
     infer.main(common + ["--out_dir", str(tmp_path / "points"), "--show_sampling_points",
                          "--num_sampling_dets", "2"])
@@ -291,7 +289,7 @@ def test_infer_checkpoint_and_input_handling(checkpoints, tmp_path):
         infer.image_paths([tmp_path / "missing.jpg"])
     with pytest.raises(FileNotFoundError, match="holds no images"):
         infer.image_paths([tmp_path])
-    checkpoint = torch.load(checkpoints["plain"], weights_only=False)
+    checkpoint = torch.load(checkpoints[MULTI_SCALE], weights_only=False)
     # args of the original's checkpoints lack --val_scale and --max_size: the original's sizes apply
     old_args = tmp_path / "old_args.pth"
     del checkpoint["args"].val_scale, checkpoint["args"].max_size
@@ -324,7 +322,7 @@ def test_benchmark_prints_fps(capsys):
 
 
 def test_infer_draw_scale_enlarges_picture_and_boxes(checkpoints, wide_image, tmp_path, capsys):
-    common = ["--resume", str(checkpoints["plain"]), str(wide_image), "--threshold", "0", "--top_k", "1"]
+    common = ["--resume", str(checkpoints[MULTI_SCALE]), str(wide_image), "--threshold", "0", "--top_k", "1"]
     infer.main(common + ["--out_dir", str(tmp_path / "x1")])
     infer.main(common + ["--out_dir", str(tmp_path / "x3"), "--draw_scale", "3"])
     with Image.open(wide_image) as original, Image.open(tmp_path / "x3" / f"{wide_image.stem}_det.png") as big:

@@ -12,18 +12,17 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
 
 import pytest
 import torch
 
-from train_helpers import REPO, SMALL_MODEL, free_port, parse, subprocess_env, tiny_coco
-
 from engine import train_step
-from main import build_param_groups
 from models import build_model
 from util.dist import destroy_distributed, init_distributed, read_launch_env
 from util.misc import nested_tensor_from_tensor_list
+from util.optim import build_param_groups
+
+from helpers import REPO, SMALL_MODEL, free_port, parse, subprocess_env
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NODELIST", "SLURM_NTASKS_PER_NODE")
@@ -89,7 +88,7 @@ def test_a_single_slurm_task_runs_alone(clean_launch_env):
 # --------------------------------------------------------------------------------------------
 # Launcher scripts
 
-def _run_script(argv: List[str], **env: str) -> subprocess.CompletedProcess:
+def _run_script(argv: list[str], **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True,
                           timeout=600)
 
@@ -154,11 +153,10 @@ def test_configs_hold_the_original_variants():
 # Two processes on the CPU
 
 @pytest.mark.slow
-def test_launcher_trains_and_evaluates_with_two_cpu_processes(tmp_path):
-    coco = tiny_coco(tmp_path / "coco", num_train=4, num_val=3)
+def test_launcher_trains_and_evaluates_with_two_cpu_processes(tiny_coco_root, tmp_path):
     out = tmp_path / "out"
     argv = ["tools/run_dist_launch.sh", "2", "./configs/r50_deformable_detr.sh", *SMALL_MODEL,
-            "--coco_path", str(coco), "--batch_size", "1", "--epochs", "1", "--output_dir", str(out)]
+            "--coco_path", str(tiny_coco_root), "--batch_size", "1", "--epochs", "1", "--output_dir", str(out)]
     python_dir = str(Path(sys.executable).parent)
     proc = _run_script(argv, MASTER_PORT=str(free_port()), PYTHON=sys.executable,
                        PATH=f"{python_dir}{os.pathsep}{os.environ['PATH']}")

@@ -5,7 +5,6 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -15,14 +14,14 @@ from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from train_helpers import SMALL_MODEL, parse, tiny_coco
-
+from datasets import build_dataset
+from datasets.loaders import build_loaders
 from engine import NonFiniteLossError, evaluate, to_device, train_one_epoch, train_step
-from main import build_data
 from models import build_model
 from util.logger import MetricLogger, SmoothedValue
 from util.misc import nested_tensor_from_tensor_list
 
+from helpers import SMALL_MODEL, parse
 
 # --------------------------------------------------------------------------------------------
 # Fakes: a linear "detector" and a criterion with two weighted losses and an unweighted one.
@@ -147,7 +146,7 @@ def test_train_one_epoch_averages_over_the_epoch(capsys):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     reference = copy.deepcopy(model)
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=1e-3)
-    expected: List[Dict[str, float]] = [train_step(reference, criterion, s, t, ref_optimizer, 0.1)
+    expected: list[dict[str, float]] = [train_step(reference, criterion, s, t, ref_optimizer, 0.1)
                                         for s, t in batches]
 
     stats = train_one_epoch(model, criterion, batches, optimizer, torch.device("cpu"), epoch=0, max_norm=0.1)
@@ -171,7 +170,7 @@ class HostReadCounter(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.count = 0
-        self._fetched: List[torch.Tensor] = []
+        self._fetched: list[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         result = func(*args, **(kwargs or {}))
@@ -184,18 +183,21 @@ class HostReadCounter(TorchFunctionMode):
 
 
 @pytest.fixture(scope="module")
-def tiny_detector(tmp_path_factory):
-    coco = tiny_coco(tmp_path_factory.mktemp("coco"))
-    args = parse(SMALL_MODEL + ["--coco_path", str(coco), "--batch_size", "2"])
+def tiny_detector(tiny_coco_root):
+    args = parse(SMALL_MODEL + ["--coco_path", str(tiny_coco_root), "--batch_size", "2"])
     torch.manual_seed(0)
     model, criterion, postprocessors = build_model(args)
     return args, model, criterion, postprocessors
 
 
+def train_loader(args):
+    dataset = build_dataset("train", args)
+    return build_loaders(dataset, dataset, args.batch_size, args.num_workers).train
+
+
 def test_training_step_adds_one_host_read_to_those_of_model_criterion_and_optimizer(tiny_detector):
     args, model, criterion, _ = tiny_detector
-    _, _, loader, _ = build_data(args)
-    samples, targets = to_device(*next(iter(loader)), torch.device("cpu"))
+    samples, targets = to_device(*next(iter(train_loader(args))), torch.device("cpu"))
     model = copy.deepcopy(model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     with HostReadCounter() as in_forward:
@@ -216,7 +218,7 @@ def test_training_step_adds_one_host_read_to_those_of_model_criterion_and_optimi
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_step_synchronisations_on_cuda(tiny_detector):
     args, model, criterion, _ = tiny_detector
-    _, _, loader, _ = build_data(args)
+    loader = train_loader(args)
     device = torch.device("cuda")
     model = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -253,7 +255,7 @@ def test_training_step_synchronisations_on_cuda(tiny_detector):
 class ReplayModel(nn.Module):
     """Returns prepared outputs, one batch per call, in order."""
 
-    def __init__(self, outputs: List[Dict[str, torch.Tensor]]):
+    def __init__(self, outputs: list[dict[str, torch.Tensor]]):
         super().__init__()
         self.outputs = list(outputs)
 
@@ -265,7 +267,7 @@ class RecordingPostProcess(nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
-        self.results: List[Dict[str, torch.Tensor]] = []
+        self.results: list[dict[str, torch.Tensor]] = []
 
     def forward(self, outputs, target_sizes):
         results = self.inner(outputs, target_sizes)
@@ -287,7 +289,8 @@ def _near_ground_truth_outputs(targets, num_queries: int, num_classes: int, g: t
 
 def test_evaluate_matches_pycocotools_on_the_same_detections(tiny_detector, capsys):
     args, _, criterion, postprocessors = tiny_detector
-    dataset_val, _, _, loader_val = build_data(args)
+    dataset_val = build_dataset("val", args)
+    loader_val = build_loaders(dataset_val, dataset_val, args.batch_size, args.num_workers).val
     g = torch.Generator().manual_seed(0)
     batches = list(loader_val)
     image_ids = [int(t["image_id"]) for _, targets in batches for t in targets]

@@ -7,29 +7,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List
 
 import pytest
 import torch
 
-from train_helpers import REPO, SMALL_MODEL, free_port, parse, subprocess_env, tiny_coco
-
 import main
 from datasets import build_dataset
 from datasets.coco import BadImageError, load_coco_annotations
+from models import build_model
 from util.checkpoint import append_line_on_main, load_checkpoint, save_on_main, trim_log_on_main
 
-
-@pytest.fixture()
-def coco(tmp_path) -> Path:
-    return tiny_coco(tmp_path / "coco", num_train=4, num_val=3)
+from helpers import REPO, SMALL_MODEL, free_port, parse, subprocess_env
 
 
-def argv(coco: Path, output_dir: Path, *extra: str) -> List[str]:
+def argv(coco: Path, output_dir: Path, *extra: str) -> list[str]:
     return [*SMALL_MODEL, "--coco_path", str(coco), "--batch_size", "2", "--output_dir", str(output_dir), *extra]
 
 
-def run_main(args: List[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run_main(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=timeout)
 
@@ -48,7 +43,7 @@ def previous_run(tmp_path) -> Path:
     return out
 
 
-def expect_failure(args: List[str], previous_run: Path, *fragments: str) -> str:
+def expect_failure(args: list[str], previous_run: Path, *fragments: str) -> str:
     before = snapshot(previous_run)
     proc = run_main(args)
     assert proc.returncode != 0, proc.stdout[-2000:]
@@ -63,15 +58,15 @@ def expect_failure(args: List[str], previous_run: Path, *fragments: str) -> str:
 
 def test_missing_coco_path_and_parts(coco, tmp_path):
     args = parse(argv(tmp_path / "nowhere", tmp_path / "o"))
-    with pytest.raises(FileNotFoundError, match=r"--coco_path .*nowhere does not exist"):
-        main.build_data(args)
+    with pytest.raises(FileNotFoundError, match=r"coco_path=.*nowhere' does not exist"):
+        build_dataset("train", args)
     (coco / "val2017").rename(coco / "val_renamed")
     with pytest.raises(FileNotFoundError, match=r"has no val2017 .*expected train2017/, val2017/"):
-        main.build_data(parse(argv(coco, tmp_path / "o")))
+        build_dataset("val", parse(argv(coco, tmp_path / "o")))
     (coco / "val_renamed").rename(coco / "val2017")
     (coco / "annotations" / "instances_train2017.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"annotations/instances_train2017\.json"):
-        main.build_data(parse(argv(coco, tmp_path / "o")))
+        build_dataset("train", parse(argv(coco, tmp_path / "o")))
 
 
 def test_annotation_file_not_json_or_not_coco(tmp_path):
@@ -132,7 +127,7 @@ def test_bad_image_names_file_and_id_or_is_skipped(coco, tmp_path, damage):
     else:
         path.write_text("this is not a JPEG")
     dataset_train = build_dataset("train", parse(argv(coco, tmp_path / "o")))
-    with pytest.raises(BadImageError, match=rf"{path.name} \(image id {image_id}\).*--skip_bad_images"):
+    with pytest.raises(BadImageError, match=rf"{path.name} \(image id {image_id}\).*skip_bad_images"):
         dataset_train[1]
     skipping = build_dataset("train", parse(argv(coco, tmp_path / "o", "--skip_bad_images")))
     with pytest.warns(UserWarning, match=rf"skipping: cannot read image .*{path.name}"):
@@ -157,7 +152,7 @@ def test_resume_of_a_non_checkpoint(coco, previous_run, tmp_path):
 
 
 def test_resume_of_another_variant_lists_keys_and_suggests_finetune(coco, previous_run, tmp_path):
-    other, _, _ = main.build_model(parse(SMALL_MODEL + ["--num_feature_levels", "1"]))
+    other, _, _ = build_model(parse(SMALL_MODEL + ["--num_feature_levels", "1"]))
     ckpt = tmp_path / "single_scale.pth"
     torch.save({"model": other.state_dict(), "epoch": 3}, ckpt)
     stderr = expect_failure(argv(coco, previous_run, "--resume", str(ckpt)), previous_run,
@@ -216,7 +211,7 @@ def test_two_stage_with_more_queries_than_tokens(coco, tmp_path):
     args[args.index("--num_queries") + 1] = "500"
     proc = run_main(args)
     assert proc.returncode != 0
-    assert "two-stage keeps 500 proposals (--num_queries) but the encoder has only" in proc.stderr
+    assert "error: --num_queries 500 two-stage proposals are more than the encoder's" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,5 +268,5 @@ def test_a_crashed_process_stops_the_others_and_the_launcher_fails(coco, tmp_pat
                           capture_output=True, text=True, timeout=300)
     elapsed = time.time() - start
     assert proc.returncode != 0
-    assert "BadImageError" in proc.stderr and "image id" in proc.stderr
+    assert "error: cannot read image" in proc.stderr and "image id" in proc.stderr
     assert elapsed < 120

@@ -9,17 +9,18 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
 
 import pytest
 import torch
 from pycocotools.coco import COCO
 
-from train_helpers import REPO, SMALL_MODEL, parse, subprocess_env, tiny_coco
-
-from main import build_param_groups, check_num_classes
+from datasets.coco import check_num_classes
 from models import build_model
 from util.checkpoint import load_checkpoint, load_for_finetuning
+from util.errors import ParameterError
+from util.optim import build_param_groups
+
+from helpers import REPO, SMALL_MODEL, parse, subprocess_env
 
 EXPECTED_LOG_KEYS = {"train_lr", "train_class_error", "train_grad_norm", "train_loss", "train_loss_ce",
                      "train_loss_bbox", "train_loss_giou", "train_loss_ce_0", "train_loss_ce_unscaled",
@@ -28,32 +29,27 @@ EXPECTED_LOG_KEYS = {"train_lr", "train_class_error", "train_grad_norm", "train_
                      "test_coco_eval_bbox", "epoch", "n_parameters"}
 
 
-def run_main(argv: List[str], expect_rc: int = 0) -> subprocess.CompletedProcess:
+def run_main(argv: list[str], expect_rc: int = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == expect_rc, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
-def read_log(output_dir: Path) -> List[dict]:
+def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def coco(tmp_path_factory) -> Path:
-    return tiny_coco(tmp_path_factory.mktemp("coco"), num_train=4, num_val=3)
-
-
-def train_argv(coco: Path, output_dir: Path, *extra: str) -> List[str]:
+def train_argv(coco: Path, output_dir: Path, *extra: str) -> list[str]:
     return [*SMALL_MODEL, "--coco_path", str(coco), "--batch_size", "2", "--output_dir", str(output_dir),
             *extra]
 
 
 @pytest.fixture(scope="module")
-def three_epochs(coco, tmp_path_factory):
+def three_epochs(tiny_coco_root, tmp_path_factory):
     """Three epochs with the learning rate dropping every 2 epochs (so after the second)."""
     out = tmp_path_factory.mktemp("run")
-    proc = run_main(train_argv(coco, out, "--epochs", "3", "--lr_drop", "2"))
+    proc = run_main(train_argv(tiny_coco_root, out, "--epochs", "3", "--lr_drop", "2"))
     return out, proc
 
 
@@ -98,11 +94,11 @@ def test_checkpoint_loads_with_weights_only_and_the_namespace_allow_list(three_e
 
 
 @pytest.mark.slow
-def test_resume_continues_the_saved_schedule_like_the_uninterrupted_run(three_epochs, coco, tmp_path):
+def test_resume_continues_the_saved_schedule_like_the_uninterrupted_run(three_epochs, tiny_coco_root, tmp_path):
     out, _ = three_epochs
     shutil.copy(out / "checkpoint0001.pth", tmp_path / "epoch1.pth")
     # A different --lr_drop on the command line does not change the saved schedule.
-    proc = run_main(train_argv(coco, tmp_path, "--epochs", "3", "--lr_drop", "100",
+    proc = run_main(train_argv(tiny_coco_root, tmp_path, "--epochs", "3", "--lr_drop", "100",
                                "--resume", str(tmp_path / "epoch1.pth")))
     assert "at epoch 2" in proc.stdout and "not --lr_drop 100" in proc.stdout
     assert proc.stdout.count("IoU metric: bbox") == 2  # the resumed model is checked first
@@ -117,9 +113,9 @@ def test_resume_continues_the_saved_schedule_like_the_uninterrupted_run(three_ep
 
 
 @pytest.mark.slow
-def test_eval_only_reproduces_the_epochs_test_loss(three_epochs, coco, tmp_path):
+def test_eval_only_reproduces_the_epochs_test_loss(three_epochs, tiny_coco_root, tmp_path):
     out, _ = three_epochs
-    proc = run_main(train_argv(coco, tmp_path, "--eval", "--resume", str(out / "checkpoint0001.pth")))
+    proc = run_main(train_argv(tiny_coco_root, tmp_path, "--eval", "--resume", str(out / "checkpoint0001.pth")))
     assert (tmp_path / "eval.pth").is_file()
     assert not (tmp_path / "log.txt").exists() and not list(tmp_path.glob("checkpoint*.pth"))
     assert proc.stdout.count("IoU metric: bbox") == 1
@@ -129,9 +125,10 @@ def test_eval_only_reproduces_the_epochs_test_loss(three_epochs, coco, tmp_path)
 
 
 @pytest.mark.slow
-def test_finetune_with_another_num_classes_leaves_out_and_reports_the_class_heads(three_epochs, coco, tmp_path):
+def test_finetune_with_another_num_classes_leaves_out_and_reports_the_class_heads(three_epochs, tiny_coco_root,
+                                                                                   tmp_path):
     out, _ = three_epochs
-    argv = train_argv(coco, tmp_path, "--epochs", "1", "--finetune", str(out / "checkpoint.pth"))
+    argv = train_argv(tiny_coco_root, tmp_path, "--epochs", "1", "--finetune", str(out / "checkpoint.pth"))
     argv[argv.index("--num_classes") + 1] = "12"
     proc = run_main(argv)
     class_heads = sorted(k for k in load_checkpoint(out / "checkpoint.pth")["model"] if "class_embed" in k)
@@ -143,11 +140,11 @@ def test_finetune_with_another_num_classes_leaves_out_and_reports_the_class_head
 
 
 @pytest.mark.slow
-def test_non_finite_loss_exits_1_and_keeps_the_checkpoint(three_epochs, coco, tmp_path):
+def test_non_finite_loss_exits_1_and_keeps_the_checkpoint(three_epochs, tiny_coco_root, tmp_path):
     out, _ = three_epochs
     shutil.copy(out / "checkpoint0001.pth", tmp_path / "checkpoint.pth")
     before = (tmp_path / "checkpoint.pth").read_bytes()
-    proc = run_main(train_argv(coco, tmp_path, "--epochs", "3", "--cls_loss_coef", "nan",
+    proc = run_main(train_argv(tiny_coco_root, tmp_path, "--epochs", "3", "--cls_loss_coef", "nan",
                                "--resume", str(tmp_path / "checkpoint.pth")), expect_rc=1)
     assert "loss is nan, stopping training" in proc.stderr
     assert "loss_ce_unscaled" in proc.stderr  # the losses are printed
@@ -175,7 +172,7 @@ def test_param_groups_follow_the_original_names_and_rates():
 
 def test_param_groups_reject_a_name_in_two_groups():
     model, _, _ = build_model(parse(SMALL_MODEL))
-    with pytest.raises(ValueError, match="matches both"):
+    with pytest.raises(ParameterError, match="both match parameter backbone.0.body.layer4"):
         build_param_groups(model, 1e-4, 1e-5, ["backbone.0"], ["backbone.0.body.layer4"], 0.1)
 
 
@@ -203,8 +200,8 @@ def test_finetune_loading_drops_only_mismatched_class_heads_in_two_stage():
         load_for_finetuning(build_model(parse(single_scale))[0], state, "source")
 
 
-def test_too_few_classes_for_the_dataset_is_a_clear_error(coco):
-    ground_truth = COCO(str(coco / "annotations" / "instances_train2017.json"))
+def test_too_few_classes_for_the_dataset_is_a_clear_error(tiny_coco_root):
+    ground_truth = COCO(str(tiny_coco_root / "annotations" / "instances_train2017.json"))
     check_num_classes(ground_truth, 8)
-    with pytest.raises(ValueError, match=r"--num_classes 5 is too small: .* category id 7; pass --num_classes 8"):
+    with pytest.raises(ParameterError, match=r"num_classes=5 is too small: .* category id 7; use 8 or more"):
         check_num_classes(ground_truth, 5)

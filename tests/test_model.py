@@ -6,33 +6,25 @@ from pathlib import Path
 import pytest
 import torch
 
-import main
 from models import build_model
 from models.backbone import Backbone
 from models.deformable_transformer import DeformableTransformer, DeformableTransformerEncoder
+from util.errors import ParameterError
+from util.flags import VARIANTS
 from util.misc import nested_tensor_from_tensor_list
+
+from helpers import VARIANT_FLAGS, parse
 
 # The original's state_dict manifests (key, shape, dtype, kind), copied from shared/reference.
 REFERENCE = Path(__file__).resolve().parent / "data" / "state_dicts"
 
-CONFIGS = {
-    "r50_deformable_detr": [],
-    "r50_deformable_detr_single_scale": ["--num_feature_levels", "1"],
-    "r50_deformable_detr_single_scale_dc5": ["--num_feature_levels", "1", "--dilation"],
-    "r50_deformable_detr_plus_iterative_bbox_refinement": ["--with_box_refine"],
-    "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage": ["--with_box_refine", "--two_stage"],
-}
 SMALL = ["--backbone", "resnet18", "--hidden_dim", "64", "--nheads", "4", "--dim_feedforward", "128",
          "--enc_layers", "2", "--dec_layers", "3", "--num_queries", "20", "--num_classes", "7", "--dropout", "0"]
 
 
-def parse(flags):
-    return main.get_args_parser().parse_args(list(flags) + ["--backbone_weights", "none", "--device", "cpu"])
-
-
 def build(flags, seed=0):
     torch.manual_seed(seed)
-    return build_model(parse(flags))
+    return build_model(parse([*flags, "--backbone_weights", "none", "--device", "cpu"]))
 
 
 def read_manifest(name):
@@ -51,10 +43,10 @@ def state_dict_kinds(model):
     return {k: first_names.get(k, "buffer") for k in model.state_dict()}
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", VARIANTS)
 def test_state_dict_matches_released_manifest(name):
     count, rows = read_manifest(name)
-    model, _, _ = build(CONFIGS[name])
+    model, _, _ = build(VARIANT_FLAGS[name])
     state = model.state_dict()
     kinds = state_dict_kinds(model)
     assert [r[0] for r in rows] == list(state), "keys or their order differ"
@@ -65,15 +57,15 @@ def test_state_dict_matches_released_manifest(name):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", VARIANTS)
 def test_released_checkpoint_layout_loads_strictly(tmp_path, name):
     """A checkpoint in the released layout (args as argparse.Namespace) loads with strict=True."""
-    model, _, _ = build(CONFIGS[name], seed=1)
+    model, _, _ = build(VARIANT_FLAGS[name], seed=1)
     path = tmp_path / "ckpt.pth"
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=2e-4), "epoch": 49}, path)
     with torch.serialization.safe_globals([argparse.Namespace]):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    fresh, _, _ = build(CONFIGS[name], seed=2)
+    fresh, _, _ = build(VARIANT_FLAGS[name], seed=2)
     fresh.load_state_dict(ckpt["model"], strict=True)
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
@@ -131,7 +123,7 @@ def test_initialisation_shared_heads_and_two_stage():
 
 
 def test_two_stage_without_refinement_is_rejected():
-    with pytest.raises(ValueError, match="--with_box_refine"):
+    with pytest.raises(ParameterError, match="two_stage=True needs with_box_refine"):
         build(["--two_stage"])
 
 
@@ -265,7 +257,7 @@ def test_backbone_channels_and_strides(name, channels):
         assert feat.tensors.shape == (1, c, 64 // s, 96 // s)
         assert feat.mask.shape == (1, 64 // s, 96 // s)
     if name in ("resnet18", "resnet34"):
-        with pytest.raises(ValueError, match="--dilation"):
+        with pytest.raises(ParameterError, match=r"dilation=True \(DC5\) needs a bottleneck ResNet"):
             Backbone(name, train_backbone=True, return_interm_layers=False, dilation=True)
         return
     dc5 = Backbone(name, train_backbone=True, return_interm_layers=False, dilation=True)
@@ -292,7 +284,7 @@ def test_backbone_weights_from_file(tmp_path):
 
 
 def test_backbone_weights_errors(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(FileNotFoundError, match="weights=.*missing.pth' is no file"):
         Backbone("resnet18", True, False, False, weights=str(tmp_path / "missing.pth"))
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, wrong)
@@ -303,17 +295,18 @@ def test_backbone_weights_errors(tmp_path, monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ParameterError) as err:
         Backbone("resnet50", True, False, False, weights="imagenet")
-    message = str(err.value)
-    assert "--backbone_weights none" in message and "--backbone_weights /path/to/resnet50.pth" in message
+    assert err.value.as_flag().startswith("--weights imagenet cannot be fetched")
+    assert "use 'none'" in str(err.value) and "network is unreachable" in str(err.value)
 
 
 def test_basic_block_resnet_matches_torchvision_layout():
     """At width 64 our basic-block builder has torchvision's keys and shapes (so its weights fit)."""
     import torchvision
-    from models.backbone import basic_block_resnet
     from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from models.backbone import basic_block_resnet
     ours = basic_block_resnet([2, 2, 2, 2], 64, FrozenBatchNorm2d).state_dict()
     theirs = {k: v for k, v in torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d).state_dict().items()
               if not k.startswith("fc.")}

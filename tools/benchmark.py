@@ -16,17 +16,17 @@ random weights (``--backbone_weights none``) unless given, since speed does not 
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from main import get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
+from util.flags import cli_parser  # noqa: E402
 from util.misc import NestedTensor, nested_tensor_from_tensor_list  # noqa: E402
 
 GPU_IMAGE_SIZE = (800, 1333)
@@ -50,7 +50,7 @@ def seconds_per_batch(model: nn.Module, inputs: NestedTensor, num_iters: int, wa
     return total / num_iters
 
 
-def benchmark(args: argparse.Namespace) -> Dict[int, float]:
+def benchmark(args: argparse.Namespace) -> dict[int, float]:
     """Images per second for each of ``args.batch_sizes``."""
     if args.num_iters < 1 or args.warmup < 0:
         raise ValueError(f"need --num_iters >= 1 and --warmup >= 0, got {args.num_iters} and {args.warmup}")
@@ -76,7 +76,7 @@ def benchmark(args: argparse.Namespace) -> Dict[int, float]:
 
 def get_parser() -> argparse.ArgumentParser:
     """main.py's flags plus the benchmark's own."""
-    parser = argparse.ArgumentParser("Deformable DETR inference benchmark", parents=[get_args_parser()])
+    parser = cli_parser("Deformable DETR inference benchmark")
     parser.add_argument("--batch_sizes", default=[1, 4], type=int, nargs="+")
     parser.add_argument("--num_iters", default=20, type=int, help="timed forward passes per batch size")
     parser.add_argument("--warmup", default=3, type=int, help="untimed forward passes first")
@@ -87,7 +87,7 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     args = get_parser().parse_args(argv)
     results = benchmark(args)
     variant = "two-stage" if args.two_stage else "box refinement" if args.with_box_refine else "plain"

@@ -23,8 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ HEADS, CHANNELS, POINTS = 8, 32, 4
 NUM_TOKENS = sum(h * w for h, w in SPATIAL_SHAPES)
 CASES = {"encoder": NUM_TOKENS, "decoder": 300}
 IMPLS = ("compiled", "pytorch")
-Inputs = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+Inputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def make_inputs(batch: int, queries: int, device: torch.device, dtype: torch.dtype,
@@ -90,7 +90,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def run_once(fn: Callable[[Inputs], Tensor], inputs: Inputs, grad: Tensor,
-             device: torch.device) -> Tuple[float, float]:
+             device: torch.device) -> tuple[float, float]:
     """Seconds of one forward and of its backward."""
     synchronize(device)
     start = time.perf_counter()
@@ -105,8 +105,8 @@ def run_once(fn: Callable[[Inputs], Tensor], inputs: Inputs, grad: Tensor,
     return middle - start, end - middle
 
 
-def time_impls(inputs: Dict[torch.dtype, Inputs], device: torch.device, warmup: int,
-               repeat: int) -> Dict[Tuple[str, torch.dtype], List[Tuple[float, float]]]:
+def time_impls(inputs: dict[torch.dtype, Inputs], device: torch.device, warmup: int,
+               repeat: int) -> dict[tuple[str, torch.dtype], list[tuple[float, float]]]:
     """(forward, backward) seconds per repetition for each implementation and dtype.
 
     The implementations and dtypes alternate within each repetition, so that a machine whose
@@ -116,7 +116,7 @@ def time_impls(inputs: Dict[torch.dtype, Inputs], device: torch.device, warmup: 
         batch, _, heads, channels = dtype_inputs[0].shape
         grads[dtype] = torch.randn(batch, dtype_inputs[3].shape[1], heads * channels,
                                    generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    times: Dict[Tuple[str, torch.dtype], List[Tuple[float, float]]] = {
+    times: dict[tuple[str, torch.dtype], list[tuple[float, float]]] = {
         (impl, dtype): [] for impl in IMPLS for dtype in inputs}
     for step in range(warmup + repeat):
         for impl in IMPLS:
@@ -147,7 +147,7 @@ def probe_cpu_memory(impl: str, case: str, batch: int, threads: int, locations: 
 
 
 def cpu_peak_mib(impl: str, case: str, batch: int, threads: int,
-                 locations: str) -> Optional[float]:
+                 locations: str) -> float | None:
     command = [sys.executable, __file__, "--probe-memory", f"{impl},{case},{batch}",
                "--threads", str(threads), "--locations", locations]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -213,7 +213,7 @@ def main() -> None:
             inputs = {dtype: make_inputs(batch, queries, device, dtype, args.locations)
                       for dtype in dtypes}
             times = time_impls(inputs, device, args.warmup, args.repeat)
-            summary: Dict[Tuple[str, torch.dtype], Tuple[float, float, float, float]] = {}
+            summary: dict[tuple[str, torch.dtype], tuple[float, float, float, float]] = {}
             for (impl, dtype), runs in times.items():
                 forward = statistics.median(f for f, _ in runs)
                 backward = statistics.median(b for _, b in runs)

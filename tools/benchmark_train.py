@@ -14,24 +14,26 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Dict
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datasets import build_dataset  # noqa: E402
+from datasets.loaders import build_loaders  # noqa: E402
 from engine import to_device, train_step  # noqa: E402
-from main import build_data, build_param_groups, get_args_parser, seed_everything  # noqa: E402
 from models import build_model  # noqa: E402
+from util.flags import cli_parser  # noqa: E402
 from util.logger import peak_memory_mb  # noqa: E402
+from util.misc import seed_everything  # noqa: E402
+from util.optim import build_optimizer  # noqa: E402
 
 
-def benchmark(args: argparse.Namespace) -> Dict[str, float]:
+def benchmark(args: argparse.Namespace) -> dict[str, float]:
     """Mean ``sec_per_iter`` and ``data_sec_per_iter`` over the timed steps, ``data_share`` (their
     ratio), ``images_per_sec`` and ``peak_mem_mb`` (see the module docstring)."""
     if args.num_iters < 1 or args.warmup < 0:
         raise ValueError(f"need --num_iters >= 1 and --warmup >= 0, got {args.num_iters} and {args.warmup}")
-    args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
     device = torch.device(args.device)
     seed_everything(args.seed)
     model, criterion, _ = build_model(args)
@@ -39,11 +41,10 @@ def benchmark(args: argparse.Namespace) -> Dict[str, float]:
     criterion.to(device)
     model.train()
     criterion.train()
-    groups = build_param_groups(model, args.lr, args.lr_backbone, args.lr_backbone_names,
-                                args.lr_linear_proj_names, args.lr_linear_proj_mult)
-    optimizer = (torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-                 if args.sgd else torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay))
-    _, _, loader, _ = build_data(args)
+    optimizer, _ = build_optimizer(args, model)
+    dataset_train = build_dataset("train", args)
+    loader = build_loaders(dataset_train, dataset_train, args.batch_size, args.num_workers,
+                           pin_memory=device.type == "cuda").train
 
     def batches():
         while True:
@@ -74,7 +75,7 @@ def benchmark(args: argparse.Namespace) -> Dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser("Deformable DETR training-step benchmark", parents=[get_args_parser()])
+    parser = cli_parser("Deformable DETR training-step benchmark")
     parser.add_argument("--num_iters", default=20, type=int, help="timed iterations")
     parser.add_argument("--warmup", default=3, type=int, help="untimed iterations first")
     args = parser.parse_args()

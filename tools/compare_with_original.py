@@ -25,24 +25,15 @@ import argparse
 import sys
 import types
 from pathlib import Path
-from typing import List
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+sys.path.insert(0, str(ROOT))
 
+from util.flags import VARIANTS, config_flags  # noqa: E402
 
-def variant_flags(name: str) -> List[str]:
-    """The main.py flags of ``configs/<name>.sh``: those between its ``--output_dir`` and the
-    pass-through arguments."""
-    text = (CONFIGS / f"{name}.sh").read_text()
-    words = text[text.index("main.py"):].replace("\\\n", " ").split()
-    return words[words.index("--output_dir") + 2:words.index('"${PY_ARGS[@]}"')]
-
-
-VARIANTS = sorted(p.stem for p in CONFIGS.glob("r50_*.sh"))
-PACKAGES = ("models", "util", "datasets", "main", "engine", "ops")
+PACKAGES = ("models", "util", "datasets", "engine", "ops")
 
 
 def _forget_packages() -> None:
@@ -171,14 +162,13 @@ def main() -> int:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     build_original = load_original(cli.original.resolve())
-    sys.path.insert(0, str(ROOT))
-    import main as our_main
     from models import build_model
+    from util.flags import get_args_parser
 
     worst = 0.0
     for name in cli.variants:
-        errors = run_variant(variant_flags(name), build_original, build_model,
-                             our_main.get_args_parser().parse_args, cli.seed, getattr(torch, cli.dtype))
+        errors = run_variant(config_flags(name), build_original, build_model, get_args_parser().parse_args,
+                             cli.seed, getattr(torch, cli.dtype))
         worst = max(worst, *errors.values())
         print(f"{name:75s} " + "  ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
     print(f"largest relative difference {worst:.1e} (tolerance {cli.tolerance:.0e})")

@@ -35,8 +35,9 @@ import argparse
 import inspect
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -45,27 +46,27 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.transforms import make_coco_transforms  # noqa: E402
-from main import get_args_parser  # noqa: E402
 from models import build_model  # noqa: E402
 from util import box_ops  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
+from util.flags import get_args_parser  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40))
 # Attention-weight colour ramp, low to high: dark blue, teal, green, yellow.
 RAMP = ((40, 20, 120), (30, 140, 140), (90, 200, 70), (255, 235, 30))
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 class Detection(NamedTuple):
     query: int
     label: int
     score: float
-    box: Tuple[float, float, float, float]  # x0, y0, x1, y1 in original-image pixels
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in original-image pixels
 
 
-def load_model(checkpoint_path: PathLike, device: Union[str, torch.device]) -> Tuple[nn.Module, argparse.Namespace]:
+def load_model(checkpoint_path: PathLike, device: str | torch.device) -> tuple[nn.Module, argparse.Namespace]:
     """The model of a ``main.py`` checkpoint, rebuilt from its saved ``args``, in eval mode on ``device``.
 
     ``args`` is completed with this ``main.py``'s defaults for flags the checkpoint predates
@@ -90,7 +91,7 @@ def load_model(checkpoint_path: PathLike, device: Union[str, torch.device]) -> T
     return model.to(device).eval(), args
 
 
-def class_names_from(coco_path: Optional[str], class_names: Optional[str]) -> Dict[int, str]:
+def class_names_from(coco_path: str | None, class_names: str | None) -> dict[int, str]:
     """Label -> name from a COCO directory's annotation categories or a ``--class_names`` JSON
     (see the module docstring); empty when neither is given."""
     if coco_path:
@@ -111,7 +112,7 @@ def class_names_from(coco_path: Optional[str], class_names: Optional[str]) -> Di
     return {}
 
 
-def _names_from_json(data: Any, source: str) -> Dict[int, str]:
+def _names_from_json(data: Any, source: str) -> dict[int, str]:
     if isinstance(data, dict) and "categories" in data:
         try:
             return {int(c["id"]): str(c["name"]) for c in data["categories"]}
@@ -128,7 +129,7 @@ def _names_from_json(data: Any, source: str) -> Dict[int, str]:
                      f"got {type(data).__name__}")
 
 
-def image_paths(inputs: Sequence[PathLike]) -> List[Path]:
+def image_paths(inputs: Sequence[PathLike]) -> list[Path]:
     """The given image files, and the image files directly inside the given folders (sorted)."""
     paths = []
     for item in map(Path, inputs):
@@ -150,8 +151,8 @@ class SamplingRecorder:
 
     def __init__(self, attn: nn.Module):
         self.attn = attn
-        self.locations: Optional[Tensor] = None
-        self.weights: Optional[Tensor] = None
+        self.locations: Tensor | None = None
+        self.weights: Tensor | None = None
         self._signature = inspect.signature(attn.forward)
         self._handle = None
 
@@ -168,8 +169,8 @@ class SamplingRecorder:
         self._handle.remove()
 
 
-def select_detections(outputs: Dict[str, Tensor], orig_size: Tuple[int, int], threshold: float,
-                      top_k: int) -> List[Detection]:
+def select_detections(outputs: dict[str, Tensor], orig_size: tuple[int, int], threshold: float,
+                      top_k: int) -> list[Detection]:
     """The (query, class) pairs of image 0 scoring above ``threshold``, best first, at most
     ``top_k``: PostProcess's detections (sigmoid scores, boxes scaled to ``orig_size = (h, w)``),
     with their query index kept."""
@@ -184,7 +185,7 @@ def select_detections(outputs: Dict[str, Tensor], orig_size: Tuple[int, int], th
             for q, c, s, b in zip(queries, flat % prob.shape[1], scores, boxes)]
 
 
-def _ramp(t: float) -> Tuple[int, int, int]:
+def _ramp(t: float) -> tuple[int, int, int]:
     """Colour of ``t`` in ``[0, 1]`` on :data:`RAMP`."""
     position = min(max(t, 0.0), 1.0) * (len(RAMP) - 1)
     i = min(int(position), len(RAMP) - 2)
@@ -192,8 +193,8 @@ def _ramp(t: float) -> Tuple[int, int, int]:
     return tuple(int(round(a + f * (b - a))) for a, b in zip(RAMP[i], RAMP[i + 1]))
 
 
-def draw_detections(image: Image.Image, detections: Sequence[Detection], names: Dict[int, str],
-                    points: Optional[Sequence[Tuple[Tensor, Tensor]]] = None, scale: float = 1.0) -> Image.Image:
+def draw_detections(image: Image.Image, detections: Sequence[Detection], names: dict[int, str],
+                    points: Sequence[tuple[Tensor, Tensor]] | None = None, scale: float = 1.0) -> Image.Image:
     """A copy of ``image`` with each detection's box and ``name score`` label, and, when given,
     per detection ``(xy (N, 2) original-image pixels, weights (N,))`` sampling points (those
     outside the image are clipped away by the drawing). With ``scale`` the picture is the image
@@ -228,8 +229,8 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection], names: 
 
 
 def infer_image(model: nn.Module, args: argparse.Namespace, path: Path, device: torch.device, threshold: float,
-                top_k: int, num_sampling_dets: int = 0) -> Tuple[Image.Image, List[Detection],
-                                                                 List[Tuple[Tensor, Tensor]]]:
+                top_k: int, num_sampling_dets: int = 0) -> tuple[Image.Image, list[Detection],
+                                                                 list[tuple[Tensor, Tensor]]]:
     """Detect in one image. Returns the image, its detections and, for the first
     ``num_sampling_dets`` of them, the last decoder layer's sampling points of their query:
     ``xy (N, 2)`` in original-image pixels (points outside the image included; they sample
@@ -259,7 +260,7 @@ def infer_image(model: nn.Module, args: argparse.Namespace, path: Path, device: 
     return image, detections, points
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser("Deformable DETR inference on images")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     parser.add_argument("--resume", required=True, help="checkpoint written by main.py")

@@ -38,12 +38,12 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-CATEGORIES: Tuple[Dict[str, Any], ...] = (
+CATEGORIES: tuple[dict[str, Any], ...] = (
     {"id": 1, "name": "circle", "supercategory": "shape"},
     {"id": 3, "name": "square", "supercategory": "shape"},
     {"id": 4, "name": "triangle", "supercategory": "shape"},
@@ -97,7 +97,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _shape_mask(rng: np.random.Generator, shape: str, size: int, extent: float,
-                center: Tuple[float, float]) -> np.ndarray:
+                center: tuple[float, float]) -> np.ndarray:
     """Boolean ``(size, size)`` mask of one ``shape`` about ``extent`` pixels across at ``center``."""
     cx, cy = center
     # aspect jitter: the shape is stretched along x and squeezed along y (or the reverse)
@@ -105,7 +105,7 @@ def _shape_mask(rng: np.random.Generator, shape: str, size: int, extent: float,
     rx, ry = extent / 2 * aspect ** 0.5, extent / 2 / aspect ** 0.5
     rotation = rng.uniform(0, 2 * math.pi)
 
-    def polygon(radii: List[float], angles: List[float]) -> List[Tuple[float, float]]:
+    def polygon(radii: list[float], angles: list[float]) -> list[tuple[float, float]]:
         points = []
         for r, a in zip(radii, angles):
             x, y = r * math.cos(a + rotation), r * math.sin(a + rotation)
@@ -140,13 +140,13 @@ def _shape_mask(rng: np.random.Generator, shape: str, size: int, extent: float,
     return np.asarray(image) > 0
 
 
-def _mask_box(mask: np.ndarray) -> Tuple[int, int, int, int]:
+def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     """``(x, y, w, h)`` of the pixels set in ``mask`` (the last row and column included)."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     return int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
 
 
-def _draw_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
+def _draw_image(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """One image (``uint8 (size, size, 3)``) and its objects: ``category_id``, ``bbox``, ``area``."""
     crowded = rng.random() < CROWDED_FRACTION
     low, high = OBJECTS_PER_CROWDED_IMAGE if crowded else OBJECTS_PER_IMAGE
@@ -154,8 +154,8 @@ def _draw_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[D
     max_extent = max(MIN_OBJECT_SIZE, size * (0.3 if crowded else 0.7))
 
     image = _background(rng, size)
-    masks: List[np.ndarray] = []
-    categories: List[Dict[str, Any]] = []
+    masks: list[np.ndarray] = []
+    categories: list[dict[str, Any]] = []
     for _ in range(num_objects):
         category = CATEGORIES[int(rng.integers(len(CATEGORIES)))]
         visible = _visible_masks(masks, size)
@@ -185,7 +185,7 @@ def _draw_image(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, List[D
     return image.clip(0, 255).round().astype(np.uint8), objects
 
 
-def _visible_masks(masks: List[np.ndarray], size: int) -> List[np.ndarray]:
+def _visible_masks(masks: list[np.ndarray], size: int) -> list[np.ndarray]:
     """Each mask less the masks painted after it."""
     visible = []
     above = np.zeros((size, size), dtype=bool)
@@ -201,7 +201,7 @@ def _visible(visible: np.ndarray, full: np.ndarray) -> bool:
 
 
 def _make_split(out_dir: Path, split: str, num_images: int, image_size: int, seed: int,
-                first_image_id: int, first_ann_id: int) -> Dict[str, Any]:
+                first_image_id: int, first_ann_id: int) -> dict[str, Any]:
     """Draw and save one split's images; returns its COCO json dict."""
     image_dir = out_dir / f"{split}2017"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,7 @@ def _make_split(out_dir: Path, split: str, num_images: int, image_size: int, see
     }
 
 
-def make_synthetic_coco(out: Union[str, Path], num_train: int = 2000, num_val: int = 200,
+def make_synthetic_coco(out: str | Path, num_train: int = 2000, num_val: int = 200,
                         image_size: int = 128, seed: int = 0) -> Path:
     """Write the dataset under ``out`` (created if needed; existing files of the same names are
     overwritten) and return ``out`` as a Path. See the module docstring for the conventions."""
@@ -247,7 +247,7 @@ def make_synthetic_coco(out: Union[str, Path], num_train: int = 2000, num_val: i
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser("Synthetic COCO-format shapes dataset")
     parser.add_argument("--out", required=True, help="output directory (the future --coco_path)")
     parser.add_argument("--num_train", type=int, default=2000)

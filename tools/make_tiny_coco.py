@@ -18,12 +18,12 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-CATEGORIES: Tuple[Dict[str, Any], ...] = (
+CATEGORIES: tuple[dict[str, Any], ...] = (
     {"id": 1, "name": "red_rectangle", "supercategory": "shape",
      "shape": "rectangle", "color": (220, 40, 40)},
     {"id": 3, "name": "green_ellipse", "supercategory": "shape",
@@ -39,7 +39,7 @@ IMAGE_ID_STEP = 7
 
 
 def _place_box(rng: np.random.Generator, width: int, height: int,
-               placed: List[Tuple[int, int, int, int]]) -> Optional[Tuple[int, int, int, int]]:
+               placed: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int] | None:
     """A random ``(x0, y0, w, h)`` inside the image and ``OBJECT_GAP`` away from ``placed``, or None."""
     for _ in range(50):
         w = int(rng.integers(MIN_OBJECT_SIZE, max(MIN_OBJECT_SIZE, width // 2) + 1))
@@ -52,7 +52,7 @@ def _place_box(rng: np.random.Generator, width: int, height: int,
     return None
 
 
-def _draw(draw: ImageDraw.ImageDraw, category: Dict[str, Any], box: Tuple[int, int, int, int]) -> float:
+def _draw(draw: ImageDraw.ImageDraw, category: dict[str, Any], box: tuple[int, int, int, int]) -> float:
     """Fill ``category``'s shape in ``box = (x0, y0, w, h)``; returns the shape's area."""
     x0, y0, w, h = box
     corners = [x0, y0, x0 + w - 1, y0 + h - 1]  # PIL includes the last row and column
@@ -65,7 +65,7 @@ def _draw(draw: ImageDraw.ImageDraw, category: Dict[str, Any], box: Tuple[int, i
 
 def _make_split(split: str, num_images: int, out_dir: Path, rng: np.random.Generator,
                 min_size: int, max_size: int, max_objects: int, noise: int,
-                next_ann_id: int) -> Tuple[Dict[str, Any], int]:
+                next_ann_id: int) -> tuple[dict[str, Any], int]:
     """Draw and save one split's images; returns its COCO json dict and the next free annotation id."""
     image_dir = out_dir / f"{split}2017"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def _make_split(split: str, num_images: int, out_dir: Path, rng: np.random.Gener
         if split == "train" and k == num_images - 1 and num_images >= 2:
             objects = []
 
-        placed: List[Tuple[int, int, int, int]] = []
+        placed: list[tuple[int, int, int, int]] = []
         for category, iscrowd in objects:
             box = _place_box(rng, width, height, placed)
             if box is None:
@@ -114,7 +114,7 @@ def _make_split(split: str, num_images: int, out_dir: Path, rng: np.random.Gener
     return dataset, next_ann_id
 
 
-def make_tiny_coco(out_dir: Union[str, Path], num_train: int = 8, num_val: int = 4, min_size: int = 64,
+def make_tiny_coco(out_dir: str | Path, num_train: int = 8, num_val: int = 4, min_size: int = 64,
                    max_size: int = 160, max_objects: int = 3, noise: int = 10, seed: int = 0) -> Path:
     """Write the dataset under ``out_dir`` (created if needed) and return ``out_dir`` as a Path.
 

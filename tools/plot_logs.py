@@ -15,8 +15,9 @@ to ``curves.png`` in the first log's directory.
 """
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any
 
 import matplotlib
 
@@ -27,7 +28,7 @@ from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 LOSS_KEYS = ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou")
 COCO_KEY = "test_coco_eval_bbox"
 LOG_NAME = "log.txt"
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def log_file(path: PathLike) -> Path:
@@ -36,7 +37,7 @@ def log_file(path: PathLike) -> Path:
     return path / LOG_NAME if path.is_dir() else path
 
 
-def load_log(path: PathLike) -> List[Dict[str, Any]]:
+def load_log(path: PathLike) -> list[dict[str, Any]]:
     """The epochs of one log, one dict per non-blank line, checked for what the plots need.
 
     Raises:
@@ -74,11 +75,11 @@ def load_log(path: PathLike) -> List[Dict[str, Any]]:
     return epochs
 
 
-def _epoch(entry: Dict[str, Any], index: int) -> int:
+def _epoch(entry: dict[str, Any], index: int) -> int:
     return entry.get("epoch", index)
 
 
-def plot_logs(paths: Sequence[PathLike], out: Optional[PathLike] = None) -> Path:
+def plot_logs(paths: Sequence[PathLike], out: PathLike | None = None) -> Path:
     """Plot the logs at ``paths`` (directories or files) into the PNG ``out`` and return its path.
 
     ``out`` defaults to ``curves.png`` next to the first log.
@@ -128,7 +129,7 @@ def plot_logs(paths: Sequence[PathLike], out: Optional[PathLike] = None) -> Path
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser("Plot Deformable DETR training logs")
     parser.add_argument("logs", nargs="+", help="output directories (holding log.txt) or log files")
     parser.add_argument("--out", default=None, help="PNG to write (default: curves.png next to the first log)")

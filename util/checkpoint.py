@@ -1,16 +1,19 @@
-"""Checkpoint files: saving on the main process, safe loading, and fine-tuning weight transfer."""
+"""Checkpoint files and the run's other outputs: crash-safe saving on the main process, safe
+loading, resuming, and fine-tuning weight transfer."""
 import argparse
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from util.dist import is_main_process
+from util.errors import InputFileNotFoundError, InputValueError
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
 def _replace_durably(tmp: Path, path: Path) -> None:
@@ -71,22 +74,23 @@ def trim_log_on_main(path: PathLike, last_epoch: int) -> None:
         _write_text_durably(path, "".join(line + "\n" for line in kept))
 
 
-def load_checkpoint(path: PathLike) -> Dict[str, Any]:
+def load_checkpoint(path: PathLike) -> dict[str, Any]:
     """Load a checkpoint onto the CPU with ``weights_only=True``.
 
     The only class allowed beyond tensors and containers is ``argparse.Namespace``, which this
     project's and the original's checkpoints keep under ``'args'``.
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        what = "is a folder, not a checkpoint file" if Path(path).is_dir() else "does not exist"
+        raise InputFileNotFoundError(f"checkpoint {path} {what}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load fails on foreign bytes in many ways (KeyError, EOFError, ...)
-        raise ValueError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save "
+        raise InputValueError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save "
                          f"of tensors and containers): {err}") from err
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise ValueError(f"{path} is not a Deformable DETR checkpoint: expected a dict with a 'model' "
+        raise InputValueError(f"{path} is not a Deformable DETR checkpoint: expected a dict with a 'model' "
                          f"entry, got {type(checkpoint).__name__}"
                          + (f" with keys {sorted(checkpoint)}" if isinstance(checkpoint, dict) else ""))
     return checkpoint
@@ -96,7 +100,7 @@ def _is_class_head(key: str) -> bool:
     return "class_embed" in key.split(".")
 
 
-def load_for_finetuning(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> List[str]:
+def load_for_finetuning(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> list[str]:
     """Copy ``state_dict`` into ``model``, leaving out the classification heads (``class_embed.*``,
     also ``transformer.decoder.class_embed.*`` in two-stage models) whose shapes differ from the
     model's, i.e. when the number of classes changed. Returns the keys left out.
@@ -116,7 +120,7 @@ def load_for_finetuning(model: nn.Module, state_dict: Mapping[str, Tensor], sour
         problems = [f"shape mismatches {mismatched}" if mismatched else "",
                     f"missing keys {missing}" if missing else "",
                     f"unexpected keys {unexpected}" if unexpected else ""]
-        raise ValueError(f"cannot fine-tune from {source}: the checkpoint's architecture differs from "
+        raise InputValueError(f"cannot fine-tune from {source}: the checkpoint's architecture differs from "
                          f"the model's ({'; '.join(p for p in problems if p)}); check the variant flags "
                          "(--with_box_refine, --two_stage, --num_feature_levels, --num_queries, ...)")
     kept = {k: v for k, v in state_dict.items() if k not in dropped}
@@ -124,7 +128,7 @@ def load_for_finetuning(model: nn.Module, state_dict: Mapping[str, Tensor], sour
     return dropped
 
 
-def load_for_resume(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> List[str]:
+def load_for_resume(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> list[str]:
     """Copy ``state_dict`` into ``model`` for resuming or evaluating; returns the keys of
     ``state_dict`` that the model does not have (ignored, as the original did, e.g. the profiler's
     ``total_ops``).
@@ -139,9 +143,47 @@ def load_for_resume(model: nn.Module, state_dict: Mapping[str, Tensor], source: 
     if mismatched or missing:
         problems = [f"shape mismatches {mismatched[:10]}" if mismatched else "",
                     f"keys missing from the checkpoint {missing[:10]}" if missing else ""]
-        raise ValueError(f"{source} does not fit the model ({'; '.join(p for p in problems if p)}). Check "
+        raise InputValueError(f"{source} does not fit the model ({'; '.join(p for p in problems if p)}). Check "
                          "the variant flags (--with_box_refine, --two_stage, --num_feature_levels, ...); to "
                          "start a new run from its weights with another --num_classes, use --finetune")
     unexpected = sorted(set(state_dict) - set(own))
     model.load_state_dict({k: v for k, v in state_dict.items() if k in own})
     return unexpected
+
+
+def restore_training_state(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                           lr_scheduler: torch.optim.lr_scheduler.LRScheduler) -> int | None:
+    """Load a training checkpoint's optimizer and schedule; return its last completed epoch, or
+    None for a checkpoint that holds weights only (nothing is changed then)."""
+    if not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+        return None
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    return checkpoint["epoch"]
+
+
+def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
+    """Where the checkpoint after ``epoch`` goes: ``checkpoint.pth``, and a numbered copy
+    ``checkpoint{epoch:04}.pth`` before each learning-rate drop and every 5 epochs."""
+    paths = [output_dir / "checkpoint.pth"]
+    if (epoch + 1) % lr_drop == 0 or (epoch + 1) % 5 == 0:
+        paths.append(output_dir / f"checkpoint{epoch:04}.pth")
+    return paths
+
+
+def save_epoch(output_dir: Path, epoch: int, log_stats: Mapping[str, Any], coco_eval: Any,
+               checkpoint: Mapping[str, Any], lr_drop: int) -> None:
+    """Write an epoch's outputs from the main process: its ``log.txt`` line, pycocotools' ``eval``
+    state (``eval/latest.pth``, and ``eval/{epoch:03}.pth`` every 50 epochs), then the checkpoint
+    (:func:`checkpoint_paths`).
+
+    Checkpoints last: a run killed in between resumes from the previous checkpoint, and the resume
+    drops this epoch's log line (:func:`trim_log_on_main`).
+    """
+    append_line_on_main(output_dir / "log.txt", json.dumps(log_stats))
+    if is_main_process():
+        (output_dir / "eval").mkdir(exist_ok=True)
+    for name in ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else []):
+        save_on_main(coco_eval, output_dir / "eval" / name)
+    for path in checkpoint_paths(output_dir, epoch, lr_drop):
+        save_on_main(checkpoint, path)

@@ -3,7 +3,7 @@ import datetime
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,17 +25,17 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
-def all_gather(data: Any) -> List[Any]:
+def all_gather(data: Any) -> list[Any]:
     """Gather a picklable object from every process; a one-element list when not distributed."""
     if get_world_size() == 1:
         return [data]
-    gathered: List[Any] = [None] * get_world_size()
+    gathered: list[Any] = [None] * get_world_size()
     dist.all_gather_object(gathered, data)
     return gathered
 
 
 @torch.no_grad()
-def reduce_dict(input_dict: Dict[str, torch.Tensor], average: bool = True) -> Dict[str, torch.Tensor]:
+def reduce_dict(input_dict: dict[str, torch.Tensor], average: bool = True) -> dict[str, torch.Tensor]:
     """Sum (or average) each scalar tensor of ``input_dict`` over all processes."""
     world_size = get_world_size()
     if world_size < 2:
@@ -92,7 +92,7 @@ def get_local_size() -> int:
     return _env_int("LOCAL_WORLD_SIZE") if is_dist_avail_and_initialized() else 1
 
 
-def read_launch_env() -> Optional[Tuple[int, int, int]]:
+def read_launch_env() -> tuple[int, int, int] | None:
     """``(rank, world_size, local_rank)`` from the launcher's environment, or None for one process.
 
     torchrun (and ``tools/run_dist_launch.sh``) set ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``.

@@ -5,7 +5,8 @@ import resource
 import sys
 import time
 from collections import deque
-from typing import Any, Dict, Iterable, Iterator, Optional, Sized, TypeVar
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -79,7 +80,7 @@ class MetricLogger:
     """Named :class:`SmoothedValue` meters, printed in insertion order and joined by ``delimiter``."""
 
     def __init__(self, delimiter: str = "  "):
-        self.meters: Dict[str, SmoothedValue] = {}
+        self.meters: dict[str, SmoothedValue] = {}
         self.delimiter = delimiter
 
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
@@ -110,11 +111,11 @@ class MetricLogger:
             self.meters[name].count = int(count)
             self.meters[name].total = total
 
-    def global_averages(self) -> Dict[str, float]:
+    def global_averages(self) -> dict[str, float]:
         return {name: meter.global_avg for name, meter in self.meters.items()}
 
     def log_every(self, iterable: Iterable[T], print_freq: int, header: str,
-                  device: Optional[torch.device] = None) -> Iterator[T]:
+                  device: torch.device | None = None) -> Iterator[T]:
         """Yield from ``iterable``; every ``print_freq`` items and at the last one, print (main process)
         ``header  [i/n]  eta: ...  <meters>  time: ...  data: ...  max mem: ...``.
 

@@ -1,6 +1,8 @@
-"""Batching of images with padding masks, and small tensor helpers shared by model and engine."""
-from typing import List, Sequence, Tuple
+"""Batching of images with padding masks, seeding, and small tensor helpers shared by model and engine."""
+import random
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -21,7 +23,7 @@ class NestedTensor:
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking),
                             self.mask.to(device, non_blocking=non_blocking))
 
-    def decompose(self) -> Tuple[Tensor, Tensor]:
+    def decompose(self) -> tuple[Tensor, Tensor]:
         return self.tensors, self.mask
 
     def __repr__(self) -> str:
@@ -52,7 +54,7 @@ def nested_tensor_from_tensor_list(tensor_list: Sequence[Tensor]) -> NestedTenso
     return NestedTensor(tensors, mask)
 
 
-def collate_fn(batch: List[tuple]) -> tuple:
+def collate_fn(batch: list[tuple]) -> tuple:
     """DataLoader collate: ``[(image, target), ...]`` -> ``(NestedTensor, (target, ...))``."""
     images, *rest = list(zip(*batch))
     return (nested_tensor_from_tensor_list(images), *rest)
@@ -65,7 +67,7 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 @torch.no_grad()
-def accuracy(output: Tensor, target: Tensor, topk: Sequence[int] = (1,)) -> List[Tensor]:
+def accuracy(output: Tensor, target: Tensor, topk: Sequence[int] = (1,)) -> list[Tensor]:
     """Top-k accuracy in percent of ``output (N, classes)`` against ``target (N,)``.
 
     An empty ``target`` gives 0 (the original's convention, so ``class_error`` reads 100).
@@ -82,3 +84,15 @@ def interpolate_mask(mask: Tensor, size: Sequence[int]) -> Tensor:
     """Resize a ``(B, H, W)`` bool padding mask to ``size`` with nearest-neighbour sampling."""
     return torch.nn.functional.interpolate(mask[None].float(), size=tuple(size)).to(torch.bool)[0]
 
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's, numpy's and Python's random generators."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def epoch_seed(seed: int, rank: int, world_size: int, epoch: int) -> int:
+    """Distinct per (process, epoch), so that what an epoch draws depends on nothing before it and a
+    resumed run draws what an uninterrupted one would."""
+    return seed + rank + epoch * world_size

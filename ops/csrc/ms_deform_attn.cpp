@@ -96,11 +96,6 @@ TORCH_LIBRARY(deformable_detr, m) {
       "-> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(deformable_detr, CPU, m) {
-  m.impl("ms_deform_attn", &ms_deform_attn_forward_cpu);
-  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
-}
-
 }  // namespace deformable_detr
 
 namespace {

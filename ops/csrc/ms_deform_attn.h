@@ -1,9 +1,8 @@
-// Multi-scale deformable attention: operator declarations shared by the backends.
+// Multi-scale deformable attention: the call geometry and input checks shared by the backends.
+// Each backend registers its kernels with TORCH_LIBRARY_IMPL in its own file.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-
-#include <tuple>
 
 namespace deformable_detr {
 
@@ -33,15 +32,5 @@ void check_backward_inputs(const at::Tensor& grad_output, const at::Tensor& valu
                            const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                            const at::Tensor& sampling_locations,
                            const at::Tensor& attention_weights);
-
-at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                                      const at::Tensor& level_start_index,
-                                      const at::Tensor& sampling_locations,
-                                      const at::Tensor& attention_weights);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights);
 
 }  // namespace deformable_detr

@@ -10,8 +10,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 namespace deformable_detr {
@@ -341,6 +343,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
                               grad_weights.mutable_data_ptr<scalar_t>(), g);
   });
   return {grad_value, grad_locations, grad_weights};
+}
+
+TORCH_LIBRARY_IMPL(deformable_detr, CPU, m) {
+  m.impl("ms_deform_attn", &ms_deform_attn_forward_cpu);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
 }
 
 }  // namespace deformable_detr

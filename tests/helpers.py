@@ -1,12 +1,11 @@
-"""Shared set-up for the engine, main and distributed tests: a tiny model and data configuration."""
+"""Constants and helpers shared by the tests: a tiny model configuration, main.py's parser, the
+variants' flags (read from configs/), and a clean environment for child processes."""
 import argparse
 import os
 import socket
 from pathlib import Path
-from typing import Dict, List
 
-from main import get_args_parser
-from tools.make_tiny_coco import make_tiny_coco
+from util.flags import VARIANTS, config_flags, get_args_parser
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,16 +21,15 @@ SMALL_MODEL = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden
                "--num_classes", str(NUM_CLASSES), "--device", "cpu", "--train_scales", "64",
                "--val_scale", "64", "--max_size", "96", "--num_workers", "0"]
 
-
-def parse(argv: List[str]) -> argparse.Namespace:
-    """main.py's parser on ``argv``, with the fields main() sets for a single process."""
-    args = argparse.ArgumentParser(parents=[get_args_parser()]).parse_args(argv)
-    args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
-    return args
+# Each variant's main.py flags, as its configs/ script passes them.
+VARIANT_FLAGS = {name: config_flags(name) for name in VARIANTS}
+MULTI_SCALE, BOX_REFINE, TWO_STAGE = ("r50_deformable_detr", "r50_deformable_detr_plus_iterative_bbox_refinement",
+                                      "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage")
 
 
-def tiny_coco(out_dir: Path, num_train: int = 4, num_val: int = 3, **kwargs) -> Path:
-    return make_tiny_coco(out_dir, num_train=num_train, num_val=num_val, seed=0, **kwargs)
+def parse(argv: list[str]) -> argparse.Namespace:
+    """main.py's flags parsed from ``argv``."""
+    return get_args_parser().parse_args(list(argv))
 
 
 def free_port() -> int:
@@ -40,7 +38,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def subprocess_env(**extra: str) -> Dict[str, str]:
+def subprocess_env(**extra: str) -> dict[str, str]:
     """The current environment without any launcher variables, so a child runs as one process,
     and with the repository on ``PYTHONPATH``, so a child script finds its modules."""
     env = {k: v for k, v in os.environ.items()

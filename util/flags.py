@@ -1,0 +1,179 @@
+"""The command line of ``main.py``: its flags, their groups and defaults, and the flags of each
+``configs/`` script.
+
+Nothing here imports torch, so ``--help`` and flag errors answer before the heavy imports.
+"""
+import argparse
+import difflib
+import re
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    """The original ``main.py`` flags (names, defaults, types) and this project's, in groups.
+
+    Without ``-h``, so that ``main.py`` and the tools can take it as a parent and add their own.
+    """
+    parser = argparse.ArgumentParser("Deformable DETR Detector", add_help=False)
+
+    group = parser.add_argument_group("variant")
+    group.add_argument("--with_box_refine", default=False, action="store_true",
+                       help="iterative bounding-box refinement: each decoder layer refines the previous "
+                            "layer's boxes, with a box and class head per layer")
+    group.add_argument("--two_stage", default=False, action="store_true",
+                       help="two-stage: the encoder proposes the decoder's reference boxes (needs "
+                            "--with_box_refine)")
+
+    group = parser.add_argument_group("backbone")
+    group.add_argument("--backbone", default="resnet50", type=str,
+                       help="resnet18, resnet34, resnet50, resnet101 (torchvision's) or resnet10 (one "
+                            "basic block per stage)")
+    group.add_argument("--dilation", action="store_true",
+                       help="replace the stride of the last ResNet stage by dilation (DC5)")
+    group.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"),
+                       help="positional embedding of the image features")
+    group.add_argument("--num_feature_levels", default=4, type=int,
+                       help="feature levels: 1 (the last backbone stage) or at least 3 (the last three "
+                            "stages plus extra strided levels)")
+
+    group = parser.add_argument_group("transformer")
+    group.add_argument("--enc_layers", default=6, type=int, help="encoder layers")
+    group.add_argument("--dec_layers", default=6, type=int, help="decoder layers")
+    group.add_argument("--dim_feedforward", default=1024, type=int,
+                       help="intermediate size of the feed-forward layers")
+    group.add_argument("--hidden_dim", default=256, type=int, help="transformer width")
+    group.add_argument("--dropout", default=0.1, type=float, help="dropout in the transformer")
+    group.add_argument("--nheads", default=8, type=int, help="attention heads")
+    group.add_argument("--num_queries", default=300, type=int, help="object queries")
+    group.add_argument("--dec_n_points", default=4, type=int,
+                       help="sampling points per head and level in the decoder's cross-attention")
+    group.add_argument("--enc_n_points", default=4, type=int,
+                       help="sampling points per head and level in the encoder's self-attention")
+
+    group = parser.add_argument_group("loss and matching")
+    group.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                       help="no auxiliary losses at the intermediate decoder layers")
+    group.add_argument("--set_cost_class", default=2, type=float, help="class weight in the matching cost")
+    group.add_argument("--set_cost_bbox", default=5, type=float, help="L1 box weight in the matching cost")
+    group.add_argument("--set_cost_giou", default=2, type=float, help="GIoU weight in the matching cost")
+    group.add_argument("--cls_loss_coef", default=2, type=float, help="weight of the focal classification loss")
+    group.add_argument("--bbox_loss_coef", default=5, type=float, help="weight of the L1 box loss")
+    group.add_argument("--giou_loss_coef", default=2, type=float, help="weight of the GIoU box loss")
+    group.add_argument("--focal_alpha", default=0.25, type=float, help="alpha of the focal loss")
+
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--lr", default=2e-4, type=float, help="learning rate of the transformer and heads")
+    group.add_argument("--lr_backbone_names", default=["backbone.0"], type=str, nargs="+",
+                       help="parameters whose name contains one of these train at --lr_backbone")
+    group.add_argument("--lr_backbone", default=2e-5, type=float,
+                       help="learning rate of the backbone; 0 freezes it")
+    group.add_argument("--lr_linear_proj_names", default=["reference_points", "sampling_offsets"], type=str,
+                       nargs="+", help="parameters whose name contains one of these train at "
+                                       "--lr times --lr_linear_proj_mult")
+    group.add_argument("--lr_linear_proj_mult", default=0.1, type=float,
+                       help="learning-rate factor of the sampling-offset and reference-point projections")
+    group.add_argument("--batch_size", default=2, type=int, help="images per process and step")
+    group.add_argument("--weight_decay", default=1e-4, type=float, help="weight decay")
+    group.add_argument("--epochs", default=50, type=int, help="epochs to train")
+    group.add_argument("--lr_drop", default=40, type=int, help="divide the learning rates by 10 every this "
+                                                                "many epochs")
+    group.add_argument("--clip_max_norm", default=0.1, type=float,
+                       help="clip the gradient norm to this; 0 does not clip")
+    group.add_argument("--sgd", action="store_true", help="SGD with momentum 0.9 instead of AdamW")
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset_file", default="coco", choices=("coco",), help="data set format")
+    group.add_argument("--coco_path", default="./data/coco", type=str,
+                       help="folder with train2017/, val2017/ and annotations/instances_{train,val}2017.json")
+    group.add_argument("--num_workers", default=2, type=int, help="data-loading processes per training process")
+    group.add_argument("--cache_mode", default=False, action="store_true",
+                       help="keep the encoded images in memory, each node holding its own share")
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--output_dir", default="", help="folder for checkpoints and logs; empty saves nothing")
+    group.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    group.add_argument("--seed", default=42, type=int, help="random seed")
+    group.add_argument("--resume", default="", help="checkpoint to continue training from, or to evaluate "
+                                                    "with --eval")
+    group.add_argument("--start_epoch", default=0, type=int, metavar="N",
+                       help="first epoch (a resumed run starts after its checkpoint's epoch)")
+    group.add_argument("--eval", action="store_true", help="only evaluate (the --resume checkpoint) on val2017")
+
+    group = parser.add_argument_group("added by this reimplementation (not in the original)")
+    group.add_argument("--num_classes", default=91, type=int,
+                       help="classifier outputs: largest category id + 1 (91 for COCO)")
+    group.add_argument("--backbone_weights", default="imagenet", type=str,
+                       help="'imagenet' (torchvision's ImageNet V1 weights, from the torch hub cache), "
+                            "'none' (random initialisation) or the path of a ResNet state_dict")
+    group.add_argument("--backbone_norm", default="frozen", choices=("frozen", "batch"),
+                       help="BatchNorm of the backbone: 'frozen' (the original) or 'batch' (trainable, for "
+                            "training from scratch)")
+    group.add_argument("--train_backbone_stem", action="store_true",
+                       help="also train the backbone's stem and layer1 (the original freezes them)")
+    group.add_argument("--backbone_width", default=64, type=int,
+                       help="first-stage width of a basic-block ResNet (resnet10/18/34); 64 is torchvision's")
+    group.add_argument("--finetune", default="", type=str,
+                       help="start a new run from this checkpoint's weights (no optimizer, schedule or "
+                            "epoch); class heads of another --num_classes are left out")
+    group.add_argument("--auto_resume", action="store_true",
+                       help="resume from output_dir/checkpoint.pth when it exists (for preemptible jobs)")
+    group.add_argument("--skip_bad_images", action="store_true",
+                       help="warn about and skip images that cannot be read, instead of stopping")
+    group.add_argument("--dist_timeout", default=30.0, type=float,
+                       help="minutes a process waits for the others in a collective before failing")
+    # The original's sizes; datasets.transforms.DEFAULT_SCALES is the same list for library callers.
+    group.add_argument("--train_scales", default=list(range(480, 801, 32)), type=int, nargs="+",
+                       help="training short-side sizes, one drawn per image")
+    group.add_argument("--crop_resize_scales", default=[400, 500, 600], type=int, nargs="+",
+                       help="training short-side sizes before the random crop (the other half of the images)")
+    group.add_argument("--crop_size", default=[384, 600], type=int, nargs=2, metavar=("MIN", "MAX"),
+                       help="training range of the random crop's height and width")
+    group.add_argument("--val_scale", default=800, type=int, help="evaluation short-side size")
+    group.add_argument("--max_size", default=1333, type=int,
+                       help="longest image side after resizing (training and evaluation)")
+    return parser
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An argument parser that shows defaults in ``--help`` and, for a misspelled flag, suggests
+    the closest known one."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            known = [s for action in self._actions for s in action.option_strings]
+            hints = []
+            for word in unknown.group(1).split():
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
+                if word.startswith("-") and close:
+                    hints.append(f"{word}: did you mean {close[0]}?")
+            if hints:
+                message = f"{message} ({'; '.join(hints)})"
+        super().error(message)
+
+
+def cli_parser(description: str) -> FlagParser:
+    """``main.py``'s flags and ``-h``, for a program that adds its own flags to them."""
+    return FlagParser(description=description, parents=[get_args_parser()])
+
+
+def config_flags(name: str) -> list[str]:
+    """The ``main.py`` flags that ``configs/<name>.sh`` passes: those between its ``--output_dir``
+    and the pass-through arguments."""
+    path = CONFIGS / f"{name}.sh"
+    if not path.is_file():
+        known = ", ".join(p.stem for p in sorted(CONFIGS.glob("*.sh")))
+        raise FileNotFoundError(f"no config {path}; the configs are: {known}")
+    words = path.read_text()
+    words = words[words.index("main.py"):].replace("\\\n", " ").split()
+    return words[words.index("--output_dir") + 2:words.index('"${PY_ARGS[@]}"')]
+
+
+# The paper's five variants, one configs/ script each.
+VARIANTS = tuple(sorted(p.stem for p in CONFIGS.glob("r50_*.sh")))
