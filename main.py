@@ -46,7 +46,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def train_and_evaluate(args: argparse.Namespace) -> None:
-    """Train (or with ``--eval`` only evaluate) as configured by ``args``; see README.md."""
+    """Train (or with ``--eval`` only evaluate) as configured by ``args``; see docs/training.md."""
     # Imported here, not at the top, so that --help and flag errors answer without loading torch.
     import datetime
     import time

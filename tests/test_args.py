@@ -24,7 +24,7 @@ ORIGINAL_DEFAULTS = {
     "resume": "", "start_epoch": 0, "eval": False, "num_workers": 2, "cache_mode": False,
 }
 # Flags the original declares but never reads, or that serve its segmentation code, which
-# this project does not carry (README: "Differences from the original").
+# this project does not carry (docs/differences.md).
 DROPPED = ["--lr_drop_epochs", "--position_embedding_scale", "--remove_difficult", "--masks",
            "--frozen_weights", "--mask_loss_coef", "--dice_loss_coef", "--coco_panoptic_path"]
 

@@ -339,7 +339,7 @@ def test_small_trainable_backbone():
 def test_model_on_cuda_matches_cpu(flags, dtype):
     """Same weights and padded inputs: outputs and losses on CUDA (the CUDA kernel) equal those
     on the CPU to 1e-4 relative, and so do gradients in float64 (in float32 a sampling point
-    within rounding of a pixel centre can flip a gradient entry, see README "Faithfulness")."""
+    within rounding of a pixel centre can flip a gradient entry, see docs/faithfulness.md)."""
     import copy
     model, criterion, _ = build(SMALL + flags)
     with torch.no_grad():

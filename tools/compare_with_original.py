@@ -11,7 +11,7 @@ encoder), every loss term, every parameter gradient and the post-processed detec
 the largest relative difference of each group (max |ours - theirs| / max |theirs| per tensor)
 and exits with status 1 if any exceeds ``--tolerance``.
 
-What to expect (see README.md, "Faithfulness"): with ``--dtype float64`` the differences are
+What to expect (see docs/faithfulness.md): with ``--dtype float64`` the differences are
 at rounding level (1e-14); in float32 with ``MSDA_BACKEND=pytorch`` the two are bit-identical;
 in float32 with the compiled kernel, outputs and losses differ by rounding (1e-7 to 1e-6) and a
 gradient can differ more where a sampling point lies within rounding distance of a pixel centre,
