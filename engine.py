@@ -128,7 +128,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
 
     Predictions from all processes are gathered before COCO evaluation, whose 12-line summary is
     printed by the main process. Returns the averaged losses plus ``coco_eval_bbox`` (the 12 COCO
-    numbers), and the evaluator.
+    numbers) and ``skipped_images`` (images of ``base_ds`` that got no predictions: left out as
+    unreadable, see :class:`~datasets.coco.CocoDetection`), and the evaluator.
     """
     model.eval()
     criterion.eval()
@@ -136,6 +137,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
     logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     evaluator = CocoEvaluator(base_ds, ("bbox",))
     for samples, targets in logger.log_every(data_loader, print_freq, "Test:", device):
+        if samples is None:  # every image of the batch was left out (unreadable)
+            continue
         image_ids = [int(t["image_id"]) for t in targets]
         samples, targets = to_device(samples, targets, device)
         outputs = model(samples)
@@ -156,4 +159,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
         evaluator.summarize()
     stats: dict[str, Any] = logger.global_averages()
     stats["coco_eval_bbox"] = evaluator.coco_eval["bbox"].stats.tolist()
+    stats["skipped_images"] = len(evaluator.coco_gt.imgs) - len(evaluator.detections)
+    if stats["skipped_images"]:
+        print_main(f"{stats['skipped_images']} of {len(evaluator.coco_gt.imgs)} images left out of the evaluation "
+                   f"(unreadable; their ground truth is not counted either)")
     return stats, evaluator

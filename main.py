@@ -1,15 +1,29 @@
 """Train and evaluate Deformable DETR: ``python main.py [flags]`` (see README.md and ``--help``)."""
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 from util.errors import InputError, InputValueError, ParameterError
-from util.flags import cli_parser
+from util.flags import architecture_differences, cli_parser, closest_config, describe_flags
 
 # Library parameters whose command-line flag has another name.
 FLAG_OF_PARAMETER = {"weights": "backbone_weights", "norm": "backbone_norm", "base_width": "backbone_width",
                      "train_stem": "train_backbone_stem", "d_model": "hidden_dim", "nhead": "nheads",
                      "two_stage_num_proposals": "num_queries"}
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """An ``--output_dir`` that could not be created or written fails now, not after the first epoch."""
+    path = Path(output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputValueError(f"--output_dir {output_dir} cannot be a folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputValueError(f"--output_dir {output_dir} cannot be written: {existing} is not writable")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -43,6 +57,39 @@ def check_args(args: argparse.Namespace) -> None:
                               "--finetune starts a new one from a checkpoint's weights")
     if args.auto_resume and not args.output_dir:
         raise InputValueError("--auto_resume needs --output_dir (it resumes from output_dir/checkpoint.pth)")
+    if args.output_dir:
+        _check_output_dir(args.output_dir)
+
+
+def check_device(device: str) -> None:
+    """``--device`` must name a device type torch knows, and a CUDA device that is visible."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise InputValueError(f"--device {device} is not a device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputValueError(f"--device {device} but no CUDA device is visible; pass --device cpu")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise InputValueError(f"--device {device} but only {torch.cuda.device_count()} CUDA devices are visible")
+
+
+def check_checkpoint_args(checkpoint: Mapping[str, Any], args: argparse.Namespace, path: str,
+                          finetune: bool = False) -> None:
+    """A checkpoint's saved flags must describe the model the command line builds (all but
+    ``--num_classes`` when fine-tuning); otherwise name the flags that differ and the ``configs/``
+    script that fits the checkpoint."""
+    saved = checkpoint.get("args")
+    if not isinstance(saved, argparse.Namespace):
+        return
+    differences = architecture_differences(saved, args, ignore=("num_classes",) if finetune else ())
+    if not differences:
+        return
+    listed = ", ".join(f"--{name} (checkpoint: {mine}, here: {theirs})" for name, (mine, theirs) in differences.items())
+    config, extra = closest_config(saved)
+    fits = f"configs/{config}.sh" + (f" with {describe_flags({k: v[0] for k, v in extra.items()})}" if extra else "")
+    raise InputValueError(f"{path} was trained with other architecture flags than these: {listed}. It fits {fits}")
 
 
 def train_and_evaluate(args: argparse.Namespace) -> None:
@@ -50,7 +97,6 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     # Imported here, not at the top, so that --help and flag errors answer without loading torch.
     import datetime
     import time
-    from pathlib import Path
 
     import torch
     from torch import nn
@@ -61,9 +107,9 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     from engine import evaluate, train_one_epoch
     from models import build_model
     from util.checkpoint import (
+        completed_epoch,
         load_checkpoint,
-        load_for_finetuning,
-        load_for_resume,
+        load_weights,
         restore_training_state,
         save_epoch,
         save_on_main,
@@ -75,11 +121,23 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     from util.optim import build_optimizer
 
     check_args(args)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputValueError(f"--device {args.device} but no CUDA device is visible; pass --device cpu")
+    check_device(args.device)
     output_dir = Path(args.output_dir)
     if args.auto_resume and not args.resume and (output_dir / "checkpoint.pth").is_file():
         args.resume = str(output_dir / "checkpoint.pth")
+    # Cheap checks first: the annotation files and the checkpoint, before the model is built.
+    dataset_train, dataset_val = build_dataset("train", args), build_dataset("val", args)
+    for dataset in (dataset_train, dataset_val):
+        check_num_classes(dataset.coco, args.num_classes)
+    source = args.resume or args.finetune
+    checkpoint = load_checkpoint(source) if source else None
+    if checkpoint is not None:
+        check_checkpoint_args(checkpoint, args, source, finetune=bool(args.finetune))
+    last_epoch = completed_epoch(checkpoint) if args.resume and not args.eval else None
+    if last_epoch is not None and last_epoch + 1 >= args.epochs:
+        print(f"{source} completed epoch {last_epoch}, the last of --epochs {args.epochs}: nothing left to train")
+        return
+
     env = init_distributed(torch.device(args.device).type, datetime.timedelta(minutes=args.dist_timeout))
     try:
         print_main(args)
@@ -91,60 +149,56 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         model, criterion, postprocessors = build_model(args)
         model.to(device)
         criterion.to(device)
-        model_without_ddp = model
         n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print_main("number of params:", n_parameters)
-
-        dataset_train, dataset_val = build_dataset("train", args), build_dataset("val", args)
-        for dataset in (dataset_train, dataset_val):
-            check_num_classes(dataset.coco, args.num_classes)
         loaders = build_loaders(dataset_train, dataset_val, args.batch_size, args.num_workers,
                                 distributed=env.distributed, node_local=args.cache_mode,
                                 pin_memory=device.type == "cuda")
-        optimizer, lr_scheduler = build_optimizer(args, model_without_ddp)
-
-        if args.finetune:
-            dropped = load_for_finetuning(model_without_ddp, load_checkpoint(args.finetune)["model"], args.finetune)
-            print_main(f"fine-tuning from {args.finetune}; class heads left out (shape differs from "
-                       f"--num_classes {args.num_classes}): {dropped if dropped else 'none'}")
+        if len(loaders.train) == 0 and not args.eval:
+            raise InputValueError(f"--batch_size {args.batch_size} is more than the {len(loaders.train_sampler)} "
+                                  f"training images each of the {env.world_size} processes reads")
+        optimizer, lr_scheduler = build_optimizer(args, model)
+        if checkpoint is not None:
+            dropped = load_weights(model, checkpoint["model"], source, other_classes=bool(args.finetune))
+            if args.finetune:
+                print_main(f"fine-tuning from {source}; class heads left out (shape differs from "
+                           f"--num_classes {args.num_classes}): {dropped if dropped else 'none'}")
+        model_without_ddp = model
         if env.distributed:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[env.local_rank] if device.type == "cuda" else None)
-            model_without_ddp = model.module
 
         def run_evaluation():
             return evaluate(model, criterion, postprocessors, loaders.val, dataset_val.coco, device)
 
-        start_epoch = args.start_epoch
-        if args.resume:
-            checkpoint = load_checkpoint(args.resume)
-            unexpected = load_for_resume(model_without_ddp, checkpoint["model"], args.resume)
-            if unexpected:
-                print_main(f"ignored keys of {args.resume} that the model does not have: {unexpected}")
-            if not args.eval:
-                last_epoch = restore_training_state(checkpoint, optimizer, lr_scheduler)
-                if last_epoch is not None:
-                    start_epoch = last_epoch + 1
-                    if args.output_dir:
-                        trim_log_on_main(output_dir / "log.txt", last_epoch)
-                    if lr_scheduler.step_size != args.lr_drop:
-                        print_main(f"note: continuing the saved schedule of {args.resume} (lr drop every "
-                                   f"{lr_scheduler.step_size} epochs), not --lr_drop {args.lr_drop}")
-                    print_main(f"resumed from {args.resume} at epoch {start_epoch}, learning rates "
-                               f"{[g['lr'] for g in optimizer.param_groups]}")
-                # The original evaluates the resumed model before continuing, as a check.
-                run_evaluation()
-
-        # Created only now, when every check has passed, so that a failed start leaves nothing behind.
-        if args.output_dir:
-            output_dir.mkdir(parents=True, exist_ok=True)
         if args.eval:
+            print_main(f"evaluating {source or 'the initial weights'}"
+                       + (f" (after epoch {checkpoint['epoch']})" if checkpoint and "epoch" in checkpoint else ""))
             _, coco_evaluator = run_evaluation()
             if args.output_dir:
+                output_dir.mkdir(parents=True, exist_ok=True)
                 save_on_main(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
             return
 
-        # A resumed run continues its saved schedule (see the resume note above); the saved args say so.
+        start_epoch = args.start_epoch
+        if last_epoch is not None:
+            restore_training_state(checkpoint, optimizer, lr_scheduler)
+            start_epoch = last_epoch + 1
+            if lr_scheduler.step_size != args.lr_drop:
+                print_main(f"note: continuing the saved schedule of {source} (lr drop every "
+                           f"{lr_scheduler.step_size} epochs), not --lr_drop {args.lr_drop}")
+            print_main(f"resumed from {source}: epoch {last_epoch} completed, continuing with epoch {start_epoch} "
+                       f"of {args.epochs}, learning rates {[g['lr'] for g in optimizer.param_groups]}")
+        if args.resume:
+            # The original evaluates the resumed model before continuing, as a check.
+            run_evaluation()
+        # Created only now, when every check has passed, so that a failed start leaves nothing behind.
+        if args.output_dir:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            if last_epoch is not None:
+                trim_log_on_main(output_dir / "log.txt", last_epoch)
+
+        # A resumed run continues its saved schedule; its checkpoints' args say so.
         saved_args = argparse.Namespace(**{**vars(args), "lr_drop": lr_scheduler.step_size})
         print_main("Start training")
         start_time = time.time()
@@ -160,32 +214,43 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                 log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                              **{f"test_{k}": v for k, v in test_stats.items()},
                              "epoch": epoch, "n_parameters": n_parameters}
-                checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                              "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": saved_args}
-                save_epoch(output_dir, epoch, log_stats, coco_evaluator.coco_eval["bbox"].eval, checkpoint,
+                state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                         "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": saved_args}
+                save_epoch(output_dir, epoch, log_stats, coco_evaluator.coco_eval["bbox"].eval, state,
                            lr_scheduler.step_size)
         print_main(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     finally:
         destroy_distributed()
 
 
+def _message(err: Exception) -> str:
+    """The error's message, naming flags rather than library parameters."""
+    if isinstance(err, ParameterError):
+        return err.as_flag(FLAG_OF_PARAMETER.get(err.param))
+    text = str(err)
+    if "Original Traceback" in text:
+        # Re-raised from a DataLoader worker with the worker's traceback: its last line is the error.
+        text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: the command line), run, and return the exit status: 0, 1 for a
-    non-finite loss, 2 for bad input (printed as one ``error:`` line)."""
+    non-finite loss, 2 for bad input (printed as one ``error:`` line; with ``--debug``, or
+    ``DDETR_DEBUG=1`` in the environment, with its traceback)."""
     args = cli_parser("Deformable DETR training and evaluation script").parse_args(argv)
-    from engine import NonFiniteLossError  # torch loads only once the flags are parsed
+    # torch loads only once the flags are parsed
+    from datasets.coco import BadImageError
+    from engine import NonFiniteLossError
 
     try:
         train_and_evaluate(args)
-    except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except ParameterError as err:
-        print(f"error: {err.as_flag(FLAG_OF_PARAMETER.get(err.param))}", file=sys.stderr)
-        return 2
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (NonFiniteLossError, InputError) as err:
+        if args.debug or os.environ.get("DDETR_DEBUG") == "1":
+            traceback.print_exc()
+        hint = "; --skip_bad_images skips such images" if isinstance(err, BadImageError) else ""
+        print(f"error: {_message(err)}{hint}", file=sys.stderr)
+        return 1 if isinstance(err, NonFiniteLossError) else 2
     return 0
 
 

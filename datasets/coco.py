@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -77,15 +78,20 @@ def _check_annotations(data: Any, ann_file: Path) -> None:
     if not isinstance(data, dict):
         raise InputValueError(f"{ann_file}: expected a JSON object with 'images' and 'annotations', "
                               f"got a {type(data).__name__}")
-    missing = [key for key in ("images", "annotations") if key not in data]
+    missing = [key for key in ("images", "annotations", "categories") if not isinstance(data.get(key), list)]
     if missing:
         raise InputValueError(f"{ann_file}: no {' or '.join(repr(k) for k in missing)} list; is this a "
                               f"COCO instances file?")
+    if not data["images"]:
+        raise InputValueError(f"{ann_file}: 'images' is empty, so this split has nothing to train or evaluate on")
+    category_ids = {category.get("id") for category in data["categories"]}
     image_ids = set()
     for i, image in enumerate(data["images"]):
         for key in ("id", "file_name"):
             if key not in image:
                 raise InputValueError(f"{ann_file}: images[{i}] has no '{key}'")
+        if image["id"] in image_ids:
+            raise InputValueError(f"{ann_file}: image id {image['id']} appears twice in 'images'")
         image_ids.add(image["id"])
     seen, duplicates = set(), set()
     for i, ann in enumerate(data["annotations"]):
@@ -98,10 +104,16 @@ def _check_annotations(data: Any, ann_file: Path) -> None:
         if ann["image_id"] not in image_ids:
             raise InputValueError(f"{ann_file}: annotation {ann['id']} refers to image {ann['image_id']}, "
                                   f"which is not in 'images'")
+        if ann["category_id"] not in category_ids:
+            raise InputValueError(f"{ann_file}: annotation {ann['id']} (image {ann['image_id']}) has category_id "
+                                  f"{ann['category_id']}, which is not in 'categories' (ids {sorted(category_ids)})")
         bbox = ann["bbox"]
-        if len(bbox) != 4:
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox):
             raise InputValueError(f"{ann_file}: annotation {ann['id']} (image {ann['image_id']}) has bbox "
                                   f"{bbox}; expected [x, y, width, height]")
+        if not all(math.isfinite(v) for v in bbox):
+            raise InputValueError(f"{ann_file}: annotation {ann['id']} (image {ann['image_id']}) has a "
+                                  f"non-finite value in bbox {bbox}")
         if bbox[2] < 0 or bbox[3] < 0:
             raise InputValueError(f"{ann_file}: annotation {ann['id']} (image {ann['image_id']}) has a "
                                   f"negative width or height in bbox {bbox}")
@@ -135,6 +147,9 @@ def check_num_classes(coco: COCO, num_classes: int) -> None:
                                                          f"{max(category_ids)}; use {max(category_ids) + 1} or more")
 
 
+BAD_IMAGE_POLICIES = ("raise", "replace", "omit")
+
+
 class CocoDetection(torch.utils.data.Dataset):
     """COCO detection images and their targets (see :func:`prepare_target`), then ``transforms``.
 
@@ -151,21 +166,26 @@ class CocoDetection(torch.utils.data.Dataset):
             :class:`~datasets.samplers.NodeDistributedSampler`); any other image read is cached on
             first use.
         local_rank, local_size: this process's rank within its node and the processes per node.
-        skip_bad_images: when an image cannot be read, warn and use the next readable one in its
-            place instead of raising :class:`BadImageError`.
+        bad_images: what an image that cannot be read (or whose size is not the annotation file's
+            ``width`` x ``height``) does: ``"raise"`` :class:`BadImageError`; ``"replace"``: warn
+            and give the next good image in its place (for training: batches stay full);
+            ``"omit"``: warn and give ``None``, which :func:`~util.misc.collate_fn` leaves out of
+            the batch (for evaluation: no image is counted twice).
     """
 
     def __init__(self, img_folder: PathLike, ann_file: PathLike,
                  transforms: Callable[[PIL.Image.Image, Target], tuple[Any, Target]] | None = None,
                  cache_mode: bool = False, local_rank: int = 0, local_size: int = 1,
-                 skip_bad_images: bool = False):
+                 bad_images: str = "raise"):
         self.img_folder = Path(img_folder)
         if not self.img_folder.is_dir():
             raise InputFileNotFoundError(f"COCO image folder {self.img_folder} does not exist")
         if not 0 <= local_rank < local_size:
             raise ValueError(f"local_rank {local_rank} is outside [0, local_size={local_size})")
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ParameterError("bad_images", bad_images, f"is not one of {', '.join(BAD_IMAGE_POLICIES)}")
         self.coco = load_coco_annotations(ann_file)
-        self.skip_bad_images = skip_bad_images
+        self.bad_images = bad_images
         self.ids: list[int] = sorted(self.coco.imgs.keys())
         self.transforms = transforms
         self.cache_mode = cache_mode
@@ -178,8 +198,8 @@ class CocoDetection(torch.utils.data.Dataset):
                 try:
                     self.cache[file_name] = self._read_bytes(file_name)
                 except OSError as err:
-                    if not skip_bad_images:
-                        raise self._bad_image(index, err) from err
+                    if bad_images == "raise":
+                        raise self._bad_image(index, f"cannot read it: {err}") from err
 
     def _file_name(self, index: int) -> str:
         return self.coco.imgs[self.ids[index]]["file_name"]
@@ -193,30 +213,43 @@ class CocoDetection(torch.utils.data.Dataset):
             if self.cache_mode:
                 if file_name not in self.cache:
                     self.cache[file_name] = self._read_bytes(file_name)
-                return PIL.Image.open(io.BytesIO(self.cache[file_name])).convert("RGB")
-            return PIL.Image.open(self.img_folder / file_name).convert("RGB")
+                image = PIL.Image.open(io.BytesIO(self.cache[file_name])).convert("RGB")
+            else:
+                image = PIL.Image.open(self.img_folder / file_name).convert("RGB")
         except OSError as err:  # missing, empty, truncated or not an image
-            raise self._bad_image(index, err) from err
+            raise self._bad_image(index, f"cannot read it: {err}") from err
+        info = self.coco.imgs[self.ids[index]]
+        expected = (info.get("width", image.width), info.get("height", image.height))
+        if image.size != expected:
+            # The boxes are in the annotation file's coordinates and the predictions are scaled to
+            # the real image, so such an image would give wrong losses and a wrong AP.
+            raise self._bad_image(index, f"it is {image.width}x{image.height} but the annotation file says "
+                                         f"{expected[0]}x{expected[1]}")
+        return image
 
-    def _bad_image(self, index: int, err: Exception) -> BadImageError:
-        return BadImageError(f"cannot read image {self.img_folder / self._file_name(index)} (image id "
-                             f"{self.ids[index]}): {err}; fix or remove it, or skip unreadable images "
-                             f"(skip_bad_images)")
+    def _bad_image(self, index: int, problem: str) -> BadImageError:
+        return BadImageError(f"image {self.img_folder / self._file_name(index)} (image id {self.ids[index]}): "
+                             f"{problem}")
 
-    def _load_readable(self, index: int) -> tuple[int, PIL.Image.Image]:
-        """``(index, image)``; with ``skip_bad_images``, the first readable from ``index`` on."""
+    def _load_good(self, index: int) -> tuple[int, PIL.Image.Image | None]:
+        """``(index, image)``: per ``bad_images``, the image at ``index``, the first good one from
+        ``index`` on, or ``None``."""
         for attempt in range(len(self.ids)):
             candidate = (index + attempt) % len(self.ids)
             try:
                 return candidate, self._load_image(candidate)
             except BadImageError as err:
-                if not self.skip_bad_images:
-                    raise
-                warnings.warn(f"skipping: {err}", stacklevel=2)
+                if self.bad_images == "raise":
+                    raise BadImageError(f"{err}; fix or remove it") from err.__cause__
+                warnings.warn(f"skipping {err}", stacklevel=2)
+                if self.bad_images == "omit":
+                    return index, None
         raise BadImageError(f"no image under {self.img_folder} can be read")
 
-    def __getitem__(self, index: int) -> tuple[Any, Target]:
-        index, image = self._load_readable(index)
+    def __getitem__(self, index: int) -> tuple[Any, Target] | None:
+        index, image = self._load_good(index)
+        if image is None:
+            return None
         image_id = self.ids[index]
         annotations = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
         target = prepare_target(image.size, image_id, annotations)
@@ -237,8 +270,9 @@ def build(image_set: str, coco_path: PathLike, cache_mode: bool = False,
     (defaults the original's).
 
     Expects ``{train,val}2017/`` and ``annotations/instances_{train,val}2017.json`` under
-    ``coco_path``. In cache mode the node-local rank and size come from ``LOCAL_RANK`` and
-    ``LOCAL_WORLD_SIZE`` when distributed.
+    ``coco_path``. With ``skip_bad_images`` a bad image is replaced by the next good one in
+    training and left out of evaluation (see :class:`CocoDetection`). In cache mode the node-local
+    rank and size come from ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` when distributed.
     """
     if image_set not in ("train", "val"):
         raise ValueError(f"unknown image_set {image_set!r}; expected 'train' or 'val'")
@@ -257,4 +291,5 @@ def build(image_set: str, coco_path: PathLike, cache_mode: bool = False,
                                       val_size=val_size)
     return CocoDetection(root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json",
                          transforms=transforms, cache_mode=cache_mode, local_rank=local_rank,
-                         local_size=local_size, skip_bad_images=skip_bad_images)
+                         local_size=local_size,
+                         bad_images=("replace" if image_set == "train" else "omit") if skip_bad_images else "raise")

@@ -303,12 +303,25 @@ def test_infer_checkpoint_and_input_handling(checkpoints, tmp_path):
     wrong = tmp_path / "wrong.pth"
     checkpoint["args"].num_queries = 7
     torch.save(checkpoint, wrong)
-    with pytest.raises(RuntimeError, match="wrong.pth: the weights do not fit"):
+    with pytest.raises(ValueError, match=r"wrong.pth \(rebuilt from its own args\) does not fit the model"):
         infer.load_model(wrong, "cpu")
     assert infer.class_names_from(None, '["a", "b"]') == {0: "a", 1: "b"}
     assert infer.class_names_from(None, '{"3": "cat"}') == {3: "cat"}
     with pytest.raises(ValueError, match="neither a file nor valid JSON"):
         infer.class_names_from(None, "cats.json")
+
+
+def test_infer_reports_bad_input_in_one_line(checkpoints, tmp_path, capsys):
+    assert infer.main(["--resume", str(checkpoints[MULTI_SCALE]), str(tmp_path / "missing.jpg")]) == 2
+    assert capsys.readouterr().err == f"error: no image or folder at {tmp_path / 'missing.jpg'}\n"
+
+
+def test_infer_says_when_no_detection_passes_for_sampling_points(checkpoints, wide_image, tmp_path, capsys):
+    argv = ["--resume", str(checkpoints[MULTI_SCALE]), str(wide_image), "--threshold", "1.0",
+            "--show_sampling_points", "--out_dir", str(tmp_path)]
+    assert infer.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "0 detections above 1.0" in out and "no sampling points drawn" in out
 
 
 # ----- benchmark -----

@@ -75,7 +75,7 @@ def test_annotation_file_not_json_or_not_coco(tmp_path):
     with pytest.raises(ValueError, match=r"instances_val2017\.json is not valid JSON"):
         load_coco_annotations(bad)
     bad.write_text('{"images": []}')
-    with pytest.raises(ValueError, match=r"instances_val2017\.json: no 'annotations' list"):
+    with pytest.raises(ValueError, match=r"instances_val2017\.json: no 'annotations' or 'categories' list"):
         load_coco_annotations(bad)
     bad.write_text('[1, 2]')
     with pytest.raises(ValueError, match=r"instances_val2017\.json: expected a JSON object"):
@@ -127,10 +127,11 @@ def test_bad_image_names_file_and_id_or_is_skipped(coco, tmp_path, damage):
     else:
         path.write_text("this is not a JPEG")
     dataset_train = build_dataset("train", parse(argv(coco, tmp_path / "o")))
-    with pytest.raises(BadImageError, match=rf"{path.name} \(image id {image_id}\).*skip_bad_images"):
+    message = rf"{path.name} \(image id {image_id}\): cannot read it: .*; fix or remove it"
+    with pytest.raises(BadImageError, match=message):
         dataset_train[1]
     skipping = build_dataset("train", parse(argv(coco, tmp_path / "o", "--skip_bad_images")))
-    with pytest.warns(UserWarning, match=rf"skipping: cannot read image .*{path.name}"):
+    with pytest.warns(UserWarning, match=rf"skipping image .*{path.name} \(image id {image_id}\): cannot read it"):
         image, target = skipping[1]
     assert int(target["image_id"]) != image_id and image.shape[0] == 3
 
@@ -156,7 +157,7 @@ def test_resume_of_another_variant_lists_keys_and_suggests_finetune(coco, previo
     ckpt = tmp_path / "single_scale.pth"
     torch.save({"model": other.state_dict(), "epoch": 3}, ckpt)
     stderr = expect_failure(argv(coco, previous_run, "--resume", str(ckpt)), previous_run,
-                            f"{ckpt} does not fit the model", "--finetune")
+                            f"{ckpt} does not fit the model", "fine-tuning")
     assert "input_proj.1" in stderr and "level_embed" in stderr
 
 
@@ -240,7 +241,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(coco, tmp_path):
 
     resumed = run_main(argv(coco, killed, *flags, "--auto_resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {killed / 'checkpoint.pth'} at epoch {resumed_from + 1}" in resumed.stdout
+    assert (f"resumed from {killed / 'checkpoint.pth'}: epoch {resumed_from} completed, continuing with epoch "
+            f"{resumed_from + 1} of 3") in resumed.stdout
     a, b = weights(straight / "checkpoint.pth"), weights(killed / "checkpoint.pth")
     assert a.keys() == b.keys()
     for key in a:
@@ -268,5 +270,5 @@ def test_a_crashed_process_stops_the_others_and_the_launcher_fails(coco, tmp_pat
                           capture_output=True, text=True, timeout=300)
     elapsed = time.time() - start
     assert proc.returncode != 0
-    assert "error: cannot read image" in proc.stderr and "image id" in proc.stderr
+    assert "error: image " in proc.stderr and "(image id" in proc.stderr and "cannot read it" in proc.stderr
     assert elapsed < 120

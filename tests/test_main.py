@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 
 from datasets.coco import check_num_classes
 from models import build_model
-from util.checkpoint import load_checkpoint, load_for_finetuning
+from util.checkpoint import load_checkpoint, load_weights
 from util.errors import ParameterError
 from util.optim import build_param_groups
 
@@ -100,7 +100,7 @@ def test_resume_continues_the_saved_schedule_like_the_uninterrupted_run(three_ep
     # A different --lr_drop on the command line does not change the saved schedule.
     proc = run_main(train_argv(tiny_coco_root, tmp_path, "--epochs", "3", "--lr_drop", "100",
                                "--resume", str(tmp_path / "epoch1.pth")))
-    assert "at epoch 2" in proc.stdout and "not --lr_drop 100" in proc.stdout
+    assert "epoch 1 completed, continuing with epoch 2 of 3" in proc.stdout and "not --lr_drop 100" in proc.stdout
     assert proc.stdout.count("IoU metric: bbox") == 2  # the resumed model is checked first
     log = read_log(tmp_path)
     assert [entry["epoch"] for entry in log] == [2]
@@ -184,7 +184,7 @@ def test_finetune_loading_drops_only_mismatched_class_heads_in_two_stage():
     argv = SMALL_MODEL + variant
     argv[argv.index("--num_classes") + 1] = "12"
     target, _, _ = build_model(parse(argv))
-    dropped = load_for_finetuning(target, state, "source")
+    dropped = load_weights(target, state, "source", other_classes=True)
     assert any(k.startswith("transformer.decoder.class_embed.") for k in dropped)
     assert any(k.startswith("class_embed.") for k in dropped)
     assert sorted(dropped) == sorted(k for k in state if "class_embed" in k)
@@ -193,11 +193,15 @@ def test_finetune_loading_drops_only_mismatched_class_heads_in_two_stage():
             assert torch.equal(value, state[key]), key
 
     same, _, _ = build_model(parse(SMALL_MODEL + variant))
-    assert load_for_finetuning(same, state, "source") == []
+    assert load_weights(same, state, "source", other_classes=True) == []
 
     single_scale = SMALL_MODEL + variant + ["--num_feature_levels", "1"]
-    with pytest.raises(ValueError, match=r"level_embed.*unexpected keys.*input_proj\.1"):
-        load_for_finetuning(build_model(parse(single_scale))[0], state, "source")
+    with pytest.raises(ValueError, match=r"keys the model does not have \[.*'input_proj\.1\.0\.weight'"):
+        load_weights(build_model(parse(single_scale))[0], state, "source", other_classes=True)
+    # Resuming or evaluating (no other classes) refuses the class heads of another shape too.
+    mismatch = r"source does not fit the model.*shape mismatches \[.*'class_embed\.0\.weight"
+    with pytest.raises(ValueError, match=mismatch):
+        load_weights(target, state, "source")
 
 
 def test_too_few_classes_for_the_dataset_is_a_clear_error(tiny_coco_root):

@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets.transforms import make_coco_transforms  # noqa: E402
 from models import build_model  # noqa: E402
 from util import box_ops  # noqa: E402
-from util.checkpoint import load_checkpoint  # noqa: E402
+from util.checkpoint import load_checkpoint, load_weights  # noqa: E402
+from util.errors import InputError, InputFileNotFoundError, InputValueError  # noqa: E402
 from util.flags import get_args_parser  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -76,18 +77,14 @@ def load_model(checkpoint_path: PathLike, device: str | torch.device) -> tuple[n
     checkpoint = load_checkpoint(checkpoint_path)
     saved = checkpoint.get("args")
     if not isinstance(saved, argparse.Namespace):
-        raise ValueError(f"{checkpoint_path} has no 'args' entry (argparse.Namespace) to rebuild the model "
-                         f"from; keys: {sorted(checkpoint)}")
+        raise InputValueError(f"{checkpoint_path} has no 'args' entry (argparse.Namespace) to rebuild the "
+                              f"model from; keys: {sorted(checkpoint)}")
     args = get_args_parser().parse_args([])
     vars(args).update(vars(saved))
     args.backbone_weights = "none"
     args.device = str(device)
     model, _, _ = build_model(args)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise RuntimeError(f"{checkpoint_path}: the weights do not fit the model built from its own "
-                           f"args: {e}") from None
+    load_weights(model, checkpoint["model"], f"{checkpoint_path} (rebuilt from its own args)")
     return model.to(device).eval(), args
 
 
@@ -98,7 +95,7 @@ def class_names_from(coco_path: str | None, class_names: str | None) -> dict[int
         candidates = [Path(coco_path) / "annotations" / f"instances_{split}2017.json" for split in ("val", "train")]
         found = [c for c in candidates if c.is_file()]
         if not found:
-            raise FileNotFoundError(f"--coco_path {coco_path}: neither {candidates[0]} nor {candidates[1]} exists")
+            raise InputFileNotFoundError(f"--coco_path {coco_path}: neither {candidates[0]} nor {candidates[1]} exists")
         with open(found[0]) as f:
             return _names_from_json(json.load(f), str(found[0]))
     if class_names:
@@ -108,7 +105,7 @@ def class_names_from(coco_path: str | None, class_names: str | None) -> dict[int
         try:
             return _names_from_json(json.loads(class_names), "--class_names")
         except json.JSONDecodeError:
-            raise ValueError(f"--class_names {class_names!r} is neither a file nor valid JSON") from None
+            raise InputValueError(f"--class_names {class_names!r} is neither a file nor valid JSON") from None
     return {}
 
 
@@ -117,16 +114,16 @@ def _names_from_json(data: Any, source: str) -> dict[int, str]:
         try:
             return {int(c["id"]): str(c["name"]) for c in data["categories"]}
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{source}: every entry of 'categories' needs an integer 'id' and a 'name'") from None
+            raise InputValueError(f"{source}: every entry of 'categories' needs an integer 'id' and a 'name'") from None
     if isinstance(data, list):
         return {i: str(name) for i, name in enumerate(data)}
     if isinstance(data, dict):
         try:
             return {int(k): str(v) for k, v in data.items()}
         except ValueError:
-            raise ValueError(f"{source}: class-name keys must be integer labels, got {sorted(data)[:5]}") from None
-    raise ValueError(f"{source}: expected a list of names, an {{id: name}} object or a COCO annotation file, "
-                     f"got {type(data).__name__}")
+            raise InputValueError(f"{source}: class-name keys must be integer labels, got {sorted(data)[:5]}") from None
+    raise InputValueError(f"{source}: expected a list of names, an {{id: name}} object or a COCO annotation "
+                          f"file, got {type(data).__name__}")
 
 
 def image_paths(inputs: Sequence[PathLike]) -> list[Path]:
@@ -136,12 +133,12 @@ def image_paths(inputs: Sequence[PathLike]) -> list[Path]:
         if item.is_dir():
             found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not found:
-                raise FileNotFoundError(f"folder {item} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise InputFileNotFoundError(f"folder {item} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             paths += found
         elif item.is_file():
             paths.append(item)
         else:
-            raise FileNotFoundError(f"no image or folder at {item}")
+            raise InputFileNotFoundError(f"no image or folder at {item}")
     return paths
 
 
@@ -238,7 +235,7 @@ def infer_image(model: nn.Module, args: argparse.Namespace, path: Path, device: 
     try:
         image = Image.open(path).convert("RGB")
     except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise InputValueError(f"cannot read image {path}: {e}") from None
     transform = make_coco_transforms("val", max_size=args.max_size, val_size=args.val_scale)
     tensor, _ = transform(image, None)
     orig_w, orig_h = image.size
@@ -260,7 +257,17 @@ def infer_image(model: nn.Module, args: argparse.Namespace, path: Path, device: 
     return image, detections, points
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run :func:`infer` on the command line; bad input is one ``error:`` line and status 2."""
+    try:
+        infer(argv)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def infer(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser("Deformable DETR inference on images")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     parser.add_argument("--resume", required=True, help="checkpoint written by main.py")
@@ -303,10 +310,12 @@ def main(argv: list[str] | None = None) -> None:
         draw_detections(image, detections, names, points if args.show_sampling_points else None,
                         args.draw_scale).save(out)
         print(f"# {path}: {len(detections)} detections above {args.threshold} -> {out}")
+        if args.show_sampling_points and num_sampling_dets and not detections:
+            print(f"# {path}: no sampling points drawn, since no detection scores above --threshold {args.threshold}")
         for det in detections:
             name = "_".join(str(names.get(det.label, det.label)).split())
             print(f"{name} {det.score:.3f} " + " ".join(f"{v:.1f}" for v in det.box))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -74,6 +74,17 @@ def trim_log_on_main(path: PathLike, last_epoch: int) -> None:
         _write_text_durably(path, "".join(line + "\n" for line in kept))
 
 
+def _load_error(path: PathLike, err: Exception) -> str:
+    """What went wrong in ``torch.load``, without its advice to unpickle the file."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        detail = detail.split(" was not an allowed global")[0]
+        return (f"{path} holds something other than tensors, containers and argparse.Namespace ({detail}); "
+                f"checkpoints are read with weights_only=True and never unpickled")
+    return f"{path} is not a readable checkpoint (truncated, or not written by torch.save): {text.splitlines()[0]}"
+
+
 def load_checkpoint(path: PathLike) -> dict[str, Any]:
     """Load a checkpoint onto the CPU with ``weights_only=True``.
 
@@ -87,12 +98,11 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load fails on foreign bytes in many ways (KeyError, EOFError, ...)
-        raise InputValueError(f"{path} is not a readable checkpoint (truncated, or not written by torch.save "
-                         f"of tensors and containers): {err}") from err
+        raise InputValueError(_load_error(path, err)) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise InputValueError(f"{path} is not a Deformable DETR checkpoint: expected a dict with a 'model' "
-                         f"entry, got {type(checkpoint).__name__}"
-                         + (f" with keys {sorted(checkpoint)}" if isinstance(checkpoint, dict) else ""))
+                              f"entry, got {type(checkpoint).__name__}"
+                              + (f" with keys {sorted(checkpoint)}" if isinstance(checkpoint, dict) else ""))
     return checkpoint
 
 
@@ -100,66 +110,52 @@ def _is_class_head(key: str) -> bool:
     return "class_embed" in key.split(".")
 
 
-def load_for_finetuning(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> list[str]:
-    """Copy ``state_dict`` into ``model``, leaving out the classification heads (``class_embed.*``,
-    also ``transformer.decoder.class_embed.*`` in two-stage models) whose shapes differ from the
-    model's, i.e. when the number of classes changed. Returns the keys left out.
+def _listed(keys: list[str], limit: int = 10) -> str:
+    return f"{keys[:limit]}" + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
-    Any other difference (a key missing on either side, another shape mismatch) raises
-    ``ValueError`` naming the keys, since it means the checkpoint is of a different architecture.
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str,
+                 other_classes: bool = False) -> list[str]:
+    """Copy ``state_dict`` into ``model``; every key and shape must match in both directions.
+
+    With ``other_classes`` (fine-tuning on other classes), the classification heads
+    (``class_embed.*``, also ``transformer.decoder.class_embed.*`` in two-stage models) whose
+    shapes differ from the model's are left out and keep the model's values. Returns the keys left
+    out. Any other difference raises :class:`~util.errors.InputValueError` listing the keys: the
+    checkpoint is of another architecture.
     """
     own = model.state_dict()
     dropped = [k for k, v in state_dict.items()
-               if _is_class_head(k) and k in own and own[k].shape != v.shape]
+               if other_classes and _is_class_head(k) and k in own and own[k].shape != v.shape]
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state_dict.items()
-                  if k in own and k not in dropped and own[k].shape != v.shape]
+                  for k, v in state_dict.items() if k in own and k not in dropped and own[k].shape != v.shape]
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     if mismatched or missing or unexpected:
-        problems = [f"shape mismatches {mismatched}" if mismatched else "",
-                    f"missing keys {missing}" if missing else "",
-                    f"unexpected keys {unexpected}" if unexpected else ""]
-        raise InputValueError(f"cannot fine-tune from {source}: the checkpoint's architecture differs from "
-                         f"the model's ({'; '.join(p for p in problems if p)}); check the variant flags "
-                         "(--with_box_refine, --two_stage, --num_feature_levels, --num_queries, ...)")
-    kept = {k: v for k, v in state_dict.items() if k not in dropped}
-    model.load_state_dict(kept, strict=False)
+        problems = [f"shape mismatches {_listed(mismatched)}" if mismatched else "",
+                    f"keys missing from the checkpoint {_listed(missing)}" if missing else "",
+                    f"keys the model does not have {_listed(unexpected)}" if unexpected else ""]
+        hint = "" if other_classes else ("; a checkpoint with another number of classes can start a new run "
+                                         "through fine-tuning")
+        raise InputValueError(f"{source} does not fit the model, it is of another architecture "
+                              f"({'; '.join(p for p in problems if p)}){hint}")
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in dropped}, strict=not dropped)
     return dropped
 
 
-def load_for_resume(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> list[str]:
-    """Copy ``state_dict`` into ``model`` for resuming or evaluating; returns the keys of
-    ``state_dict`` that the model does not have (ignored, as the original did, e.g. the profiler's
-    ``total_ops``).
-
-    A key of the model missing from the checkpoint, or a shape that differs, raises ``ValueError``
-    listing them: the checkpoint is of another variant or class count, which ``--finetune`` handles.
-    """
-    own = model.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    missing = sorted(set(own) - set(state_dict))
-    if mismatched or missing:
-        problems = [f"shape mismatches {mismatched[:10]}" if mismatched else "",
-                    f"keys missing from the checkpoint {missing[:10]}" if missing else ""]
-        raise InputValueError(f"{source} does not fit the model ({'; '.join(p for p in problems if p)}). Check "
-                         "the variant flags (--with_box_refine, --two_stage, --num_feature_levels, ...); to "
-                         "start a new run from its weights with another --num_classes, use --finetune")
-    unexpected = sorted(set(state_dict) - set(own))
-    model.load_state_dict({k: v for k, v in state_dict.items() if k in own})
-    return unexpected
+def completed_epoch(checkpoint: Mapping[str, Any]) -> int | None:
+    """The last epoch a training checkpoint completed; None for one that holds weights only (no
+    optimizer and schedule to continue from)."""
+    if not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+        return None
+    return checkpoint["epoch"]
 
 
 def restore_training_state(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer,
-                           lr_scheduler: torch.optim.lr_scheduler.LRScheduler) -> int | None:
-    """Load a training checkpoint's optimizer and schedule; return its last completed epoch, or
-    None for a checkpoint that holds weights only (nothing is changed then)."""
-    if not all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
-        return None
+                           lr_scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Load a training checkpoint's optimizer and learning-rate schedule."""
     optimizer.load_state_dict(checkpoint["optimizer"])
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    return checkpoint["epoch"]
 
 
 def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:

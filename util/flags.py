@@ -10,6 +10,14 @@ from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
+# The flags that tell the paper's five variants apart.
+VARIANT_DEFINING = ("num_feature_levels", "dilation", "with_box_refine", "two_stage")
+# The flags that decide a model's state_dict keys and shapes.
+ARCHITECTURE_FLAGS = ("num_feature_levels", "dilation", "with_box_refine", "two_stage", "backbone",
+                      "backbone_width", "backbone_norm", "position_embedding", "hidden_dim", "dim_feedforward",
+                      "enc_layers", "dec_layers", "nheads", "enc_n_points", "dec_n_points", "num_queries",
+                      "num_classes")
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The original ``main.py`` flags (names, defaults, types) and this project's, in groups.
@@ -123,6 +131,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="warn about and skip images that cannot be read, instead of stopping")
     group.add_argument("--dist_timeout", default=30.0, type=float,
                        help="minutes a process waits for the others in a collective before failing")
+    group.add_argument("--debug", action="store_true",
+                       help="print the traceback of an error in the input (flags, files, data), not only its message")
     # The original's sizes; datasets.transforms.DEFAULT_SCALES is the same list for library callers.
     group.add_argument("--train_scales", default=list(range(480, 801, 32)), type=int, nargs="+",
                        help="training short-side sizes, one drawn per image")
@@ -177,3 +187,34 @@ def config_flags(name: str) -> list[str]:
 
 # The paper's five variants, one configs/ script each.
 VARIANTS = tuple(sorted(p.stem for p in CONFIGS.glob("r50_*.sh")))
+
+
+def architecture_differences(saved: argparse.Namespace, given: argparse.Namespace,
+                             ignore: tuple[str, ...] = ()) -> dict[str, tuple[object, object]]:
+    """``{flag: (saved value, given value)}`` for the architecture flags on which two sets of flags
+    differ; a flag that ``saved`` lacks (checkpoints of the original have no ``num_classes``, for
+    one) is not compared."""
+    return {name: (getattr(saved, name), getattr(given, name)) for name in ARCHITECTURE_FLAGS
+            if name not in ignore and hasattr(saved, name) and getattr(saved, name) != getattr(given, name)}
+
+
+def closest_config(saved: argparse.Namespace) -> tuple[str, dict[str, tuple[object, object]]]:
+    """The ``configs/`` script whose model is nearest to ``saved``'s (the same variant first, then
+    the fewest other differences), and the architecture flags it would still need:
+    ``(name, {flag: (saved value, the script's value)})``."""
+    candidates = []
+    for path in sorted(CONFIGS.glob("*.sh")):
+        script = get_args_parser().parse_args(config_flags(path.stem))
+        candidates.append((path.stem, architecture_differences(saved, script)))
+    return min(candidates, key=lambda c: (len(set(c[1]) & set(VARIANT_DEFINING)), len(c[1])))
+
+
+def describe_flags(values: dict[str, object]) -> str:
+    """``--flag value`` words that set each flag to its value (a switch alone, or ``--no_...``)."""
+    words = []
+    for name, value in values.items():
+        if isinstance(value, bool):
+            words.append(f"--{name}" if value else f"(no --{name})")
+        else:
+            words.append(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    return " ".join(words)

@@ -54,9 +54,16 @@ def nested_tensor_from_tensor_list(tensor_list: Sequence[Tensor]) -> NestedTenso
     return NestedTensor(tensors, mask)
 
 
-def collate_fn(batch: list[tuple]) -> tuple:
-    """DataLoader collate: ``[(image, target), ...]`` -> ``(NestedTensor, (target, ...))``."""
-    images, *rest = list(zip(*batch))
+def collate_fn(batch: list[tuple | None]) -> tuple:
+    """DataLoader collate: ``[(image, target), ...]`` -> ``(NestedTensor, (target, ...))``.
+
+    ``None`` items (images a dataset leaves out, see :class:`~datasets.coco.CocoDetection`) are
+    dropped; a batch of nothing else is ``(None, ())``.
+    """
+    kept = [item for item in batch if item is not None]
+    if not kept:
+        return None, ()
+    images, *rest = list(zip(*kept))
     return (nested_tensor_from_tensor_list(images), *rest)
 
 

@@ -1,0 +1,352 @@
+"""Bad input never gives a silently wrong number: checkpoints of another variant, malformed data,
+bad flags and files each stop with one ``error:`` line naming the culprit, exit status 2, no
+traceback and nothing written; resumed runs keep true records; unreadable validation images are
+left out of COCO evaluation, not counted twice."""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path, PurePosixPath
+
+import pytest
+import torch
+from PIL import Image
+
+import main
+from datasets import build_dataset
+from datasets.coco import BadImageError
+from datasets.loaders import build_loaders
+from engine import evaluate
+from models import build_model
+from util.checkpoint import load_checkpoint
+from util.flags import VARIANTS
+
+from helpers import REPO, SMALL_MODEL, VARIANT_FLAGS, parse, subprocess_env
+
+
+def run_main(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train_argv(coco: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [*SMALL_MODEL, "--coco_path", str(coco), "--batch_size", "2", "--output_dir", str(output_dir), *extra]
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def expect_user_error(argv: list[str], watched: Path, *fragments: str) -> str:
+    """Run main.py, expect status 2 and a one-line ``error:`` naming each fragment, and that
+    ``watched`` (a folder that may not exist yet) is left exactly as it was."""
+    before = snapshot(watched) if watched.exists() else None
+    proc = run_main(argv)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert (snapshot(watched) if watched.exists() else None) == before
+    return lines[0]
+
+
+def edit_annotations(coco: Path, split: str, edit) -> Path:
+    path = coco / "annotations" / f"instances_{split}2017.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# A checkpoint of another variant
+
+@pytest.mark.parametrize("trained", VARIANTS)
+def test_every_variants_checkpoint_is_refused_under_every_other_variants_flags(trained):
+    """The saved args are compared before anything is built: the message names each flag that
+    differs, with both values, and the config the checkpoint was trained with."""
+    checkpoint = {"model": {}, "args": parse(VARIANT_FLAGS[trained])}
+    for given in VARIANTS:
+        args = parse(VARIANT_FLAGS[given])
+        if given == trained:
+            main.check_checkpoint_args(checkpoint, args, "ckpt.pth")
+            continue
+        with pytest.raises(ValueError) as err:
+            main.check_checkpoint_args(checkpoint, args, "ckpt.pth")
+        message = str(err.value)
+        assert message.startswith("ckpt.pth was trained with other architecture flags than these: ")
+        for flag in ("num_feature_levels", "dilation", "with_box_refine", "two_stage"):
+            if getattr(checkpoint["args"], flag) != getattr(args, flag):
+                assert f"--{flag} (checkpoint: {getattr(checkpoint['args'], flag)}, here: " \
+                       f"{getattr(args, flag)})" in message
+            else:
+                assert f"--{flag} " not in message
+        assert message.endswith(f"It fits configs/{trained}.sh")
+
+
+def test_finetune_allows_another_num_classes_but_no_other_architecture():
+    checkpoint = {"model": {}, "args": parse(VARIANT_FLAGS["r50_deformable_detr"])}
+    main.check_checkpoint_args(checkpoint, parse(["--num_classes", "12"]), "c.pth", finetune=True)
+    with pytest.raises(ValueError, match=r"--num_classes \(checkpoint: 91, here: 12\)"):
+        main.check_checkpoint_args(checkpoint, parse(["--num_classes", "12"]), "c.pth")
+    fewer_queries = {"model": {}, "args": parse(["--num_queries", "100"])}
+    with pytest.raises(ValueError, match=r"--num_queries \(checkpoint: 100, here: 300\)\. It fits configs/"
+                                         r"r50_deformable_detr\.sh with --num_queries 100$"):
+        main.check_checkpoint_args(fewer_queries, parse(["--num_classes", "12"]), "c.pth", finetune=True)
+
+
+@pytest.fixture(scope="module")
+def box_refine_checkpoint(tmp_path_factory) -> Path:
+    """A tiny box-refinement model saved as main.py saves it."""
+    args = parse(SMALL_MODEL + ["--with_box_refine"])
+    torch.manual_seed(0)
+    model, _, _ = build_model(args)
+    path = tmp_path_factory.mktemp("ckpt") / "refine.pth"
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 4}, path)
+    return path
+
+
+def test_evaluating_a_checkpoint_with_the_wrong_variant_stops_before_anything(tiny_coco_root, box_refine_checkpoint,
+                                                                              tmp_path):
+    out = tmp_path / "out"
+    expect_user_error(train_argv(tiny_coco_root, out, "--eval", "--resume", str(box_refine_checkpoint)), out,
+                      f"{box_refine_checkpoint} was trained with other architecture flags",
+                      "--with_box_refine (checkpoint: True, here: False)",
+                      "configs/r50_deformable_detr_plus_iterative_bbox_refinement.sh")
+    assert not out.exists()
+
+
+def test_a_checkpoint_without_args_must_fit_in_both_directions(tiny_coco_root, box_refine_checkpoint, tmp_path):
+    weights_only = tmp_path / "weights.pth"
+    state = load_checkpoint(box_refine_checkpoint)["model"]
+    torch.save({"model": state}, weights_only)
+    # Without box refinement the model has one class head where the checkpoint has six distinct ones.
+    line = expect_user_error(train_argv(tiny_coco_root, tmp_path / "out", "--eval", "--resume", str(weights_only)),
+                             tmp_path / "out", f"{weights_only} does not fit the model")
+    assert "keys the model does not have" in line and "transformer.decoder.bbox_embed" in line
+    extra = dict(state, **{"extra.weight": torch.zeros(1)})
+    torch.save({"model": extra}, weights_only)
+    expect_user_error(train_argv(tiny_coco_root, tmp_path / "out", "--with_box_refine", "--eval", "--resume",
+                                 str(weights_only)), tmp_path / "out", "keys the model does not have ['extra.weight']")
+
+
+# ------------------------------------------------------------------------------------------
+# Files and flags
+
+def test_resume_of_a_text_file_gives_no_unpickling_advice(tiny_coco_root, tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text('{"epoch": 0}\n')
+    line = expect_user_error(train_argv(tiny_coco_root, tmp_path / "out", "--resume", str(log)), tmp_path,
+                             f"{log} ")
+    assert "weights_only=False" not in line and "will likely succeed" not in line
+
+
+def test_a_pickled_object_is_refused_not_loaded(tiny_coco_root, tmp_path):
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {}, "args": PurePosixPath("x")}, evil)
+    line = expect_user_error(train_argv(tiny_coco_root, tmp_path / "out", "--resume", str(evil)), tmp_path,
+                             f"{evil} holds something other than tensors", "pathlib.PurePosixPath",
+                             "never unpickled")
+    assert "weights_only=False" not in line
+
+
+def test_resume_of_a_folder(tiny_coco_root, tmp_path):
+    expect_user_error(train_argv(tiny_coco_root, tmp_path / "out", "--resume", str(tmp_path)), tmp_path,
+                      f"checkpoint {tmp_path} is a folder, not a checkpoint file")
+
+
+def test_bad_device_names_the_flag(tiny_coco_root, tmp_path):
+    argv = train_argv(tiny_coco_root, tmp_path / "out")
+    argv[argv.index("--device") + 1] = "cup"
+    expect_user_error(argv, tmp_path, "--device cup is not a device: use cpu, cuda or cuda:N")
+
+
+def test_output_dir_that_cannot_be_created(tiny_coco_root, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    expect_user_error(train_argv(tiny_coco_root, blocker / "run"), tmp_path,
+                      f"--output_dir {blocker / 'run'} cannot be a folder: {blocker} is a file")
+
+
+def test_library_parameter_errors_name_the_flag(tiny_coco_root, tmp_path):
+    argv = train_argv(tiny_coco_root, tmp_path / "out")
+    argv[argv.index("--backbone") + 1] = "resnet5"
+    expect_user_error(argv, tmp_path, "--backbone resnet5 is not one of resnet10, resnet18")
+
+
+def test_debug_shows_the_traceback(tiny_coco_root, tmp_path):
+    proc = run_main(train_argv(tiny_coco_root, tmp_path / "out", "--resume", str(tmp_path), "--debug"))
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
+
+
+def test_a_failed_start_creates_no_folder(tmp_path):
+    out = tmp_path / "new_run"
+    expect_user_error(train_argv(tmp_path / "nowhere", out), tmp_path, "--coco_path", "nowhere does not exist")
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Malformed data
+
+@pytest.mark.parametrize("damage, fragments", [
+    ("unknown_category", ["instances_train2017.json: annotation", "has category_id 99, which is not in 'categories'"]),
+    ("duplicate_image", ["instances_train2017.json: image id", "appears twice in 'images'"]),
+    ("nan_box", ["instances_train2017.json: annotation", "has a non-finite value in bbox [nan"]),
+    ("infinite_box", ["instances_train2017.json: annotation", "has a non-finite value in bbox", "inf"]),
+    ("empty_split", ["instances_val2017.json: 'images' is empty"]),
+])
+def test_malformed_annotations_stop_at_start_up(coco, tmp_path, damage, fragments):
+    def edit(data):
+        if damage == "unknown_category":
+            data["annotations"][0]["category_id"] = 99
+        elif damage == "duplicate_image":
+            data["images"].append(dict(data["images"][0]))
+        elif damage == "nan_box":
+            data["annotations"][0]["bbox"][0] = float("nan")
+        elif damage == "infinite_box":
+            data["annotations"][0]["bbox"][2] = float("inf")
+        else:
+            data["images"], data["annotations"] = [], []
+
+    edit_annotations(coco, "val" if damage == "empty_split" else "train", edit)
+    line = expect_user_error(train_argv(coco, tmp_path / "out"), tmp_path, *fragments)
+    if damage != "duplicate_image" and damage != "empty_split":
+        annotation = json.loads((coco / "annotations" / "instances_train2017.json").read_text())["annotations"][0]
+        assert f"annotation {annotation['id']} (image {annotation['image_id']})" in line
+
+
+def test_batch_larger_than_the_training_split(tiny_coco_root, tmp_path):
+    argv = train_argv(tiny_coco_root, tmp_path / "out")
+    argv[argv.index("--batch_size") + 1] = "5"
+    expect_user_error(argv, tmp_path, "--batch_size 5 is more than the 4 training images")
+
+
+def test_image_whose_size_disagrees_with_the_annotation_file(coco, tmp_path):
+    data = json.loads((coco / "annotations" / "instances_train2017.json").read_text())
+    image = sorted(data["images"], key=lambda im: im["id"])[0]
+    path = coco / "train2017" / image["file_name"]
+    with Image.open(path) as pil:
+        pil.resize((pil.width + 7, pil.height)).save(path)
+    dataset = build_dataset("train", parse(train_argv(coco, tmp_path / "o")))
+    message = (rf"{image['file_name']} \(image id {image['id']}\): it is {image['width'] + 7}x{image['height']} "
+               rf"but the annotation file says {image['width']}x{image['height']}")
+    with pytest.raises(BadImageError, match=message):
+        dataset[0]
+    skipping = build_dataset("train", parse(train_argv(coco, tmp_path / "o", "--skip_bad_images")))
+    with pytest.warns(UserWarning, match=rf"skipping image .*{image['file_name']}"):
+        _, target = skipping[0]
+    assert int(target["image_id"]) != image["id"]
+    line = expect_user_error(train_argv(coco, tmp_path / "out", "--epochs", "1"), tmp_path,
+                             f"{image['file_name']} (image id {image['id']}): it is {image['width'] + 7}x")
+    assert line.endswith("; fix or remove it; --skip_bad_images skips such images")
+
+
+# ------------------------------------------------------------------------------------------
+# Unreadable validation images are left out of the evaluation
+
+class Oracle(torch.nn.Module):
+    """Answers each image (batch of 1) with prepared outputs, found by the image's bytes."""
+
+    def __init__(self, outputs_by_image: dict[str, dict[str, torch.Tensor]]):
+        super().__init__()
+        self.outputs_by_image = outputs_by_image
+
+    def forward(self, samples):
+        key = hashlib.sha256(samples.tensors[0].numpy().tobytes()).hexdigest()
+        return self.outputs_by_image[key]
+
+
+def oracle_for(dataset, num_queries: int, num_classes: int) -> Oracle:
+    """Near-ground-truth outputs for every image of ``dataset``: each object's box jittered with a
+    confident logit for its label, the other queries low-scored random boxes."""
+    g = torch.Generator().manual_seed(0)
+    outputs = {}
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        logits = torch.rand(1, num_queries, num_classes, generator=g) * -6
+        boxes = torch.rand(1, num_queries, 4, generator=g) * 0.4 + 0.2
+        n = len(target["labels"])
+        boxes[0, :n] = (target["boxes"] * (1 + 0.1 * (torch.rand(n, 4, generator=g) - 0.5))).clamp(0, 1)
+        logits[0, torch.arange(n), target["labels"]] = 2 + 3 * torch.rand(n, generator=g)
+        outputs[hashlib.sha256(image.numpy().tobytes()).hexdigest()] = {"pred_logits": logits, "pred_boxes": boxes}
+    return Oracle(outputs)
+
+
+def evaluate_split(coco: Path, oracle: Oracle, *flags: str) -> dict:
+    args = parse(train_argv(coco, coco / "o", "--batch_size", "1", *flags))
+    _, criterion, postprocessors = build_model(args)
+    dataset = build_dataset("val", args)
+    loader = build_loaders(dataset, dataset, 1, 0).val
+    stats, _ = evaluate(oracle, criterion, postprocessors, loader, dataset.coco, torch.device("cpu"))
+    return stats
+
+
+def test_unreadable_validation_image_is_left_out_like_a_set_without_it(tiny_coco_root, tmp_path, capsys):
+    args = parse(train_argv(tiny_coco_root, tmp_path / "o"))
+    oracle = oracle_for(build_dataset("val", args), args.num_queries, args.num_classes)
+    data = json.loads((tiny_coco_root / "annotations" / "instances_val2017.json").read_text())
+    bad = sorted(data["images"], key=lambda im: im["id"])[1]
+
+    damaged = Path(shutil.copytree(tiny_coco_root, tmp_path / "damaged"))
+    (damaged / "val2017" / bad["file_name"]).write_bytes(b"")
+    without = Path(shutil.copytree(tiny_coco_root, tmp_path / "without"))
+    (without / "val2017" / bad["file_name"]).unlink()
+
+    def drop(d):
+        d["images"] = [im for im in d["images"] if im["id"] != bad["id"]]
+        d["annotations"] = [a for a in d["annotations"] if a["image_id"] != bad["id"]]
+
+    edit_annotations(without, "val", drop)
+    with pytest.warns(UserWarning, match=rf"skipping image .*{bad['file_name']}"):
+        skipped = evaluate_split(damaged, oracle, "--skip_bad_images")
+    assert f"1 of {len(data['images'])} images left out of the evaluation" in capsys.readouterr().out
+    reference = evaluate_split(without, oracle)
+    assert skipped["skipped_images"] == 1 and reference["skipped_images"] == 0
+    assert skipped["coco_eval_bbox"][0] > 0.3  # good detections, so the comparison is not of zeros
+    assert skipped["coco_eval_bbox"] == reference["coco_eval_bbox"]
+    assert skipped["loss"] == pytest.approx(reference["loss"])
+
+
+# ------------------------------------------------------------------------------------------
+# Resume keeps its records true
+
+@pytest.fixture(scope="module")
+def two_epochs(tiny_coco_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    proc = run_main(train_argv(tiny_coco_root, out, "--epochs", "2", "--lr_drop", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_resumed_run_records_and_follows_the_schedule_it_used(two_epochs, tiny_coco_root, tmp_path):
+    shutil.copy(two_epochs / "checkpoint.pth", tmp_path / "checkpoint.pth")
+    # --lr_drop 3 would put a numbered copy after epoch 2; the saved schedule (2) does not.
+    proc = run_main(train_argv(tiny_coco_root, tmp_path, "--epochs", "3", "--lr_drop", "3", "--auto_resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"resumed from {tmp_path / 'checkpoint.pth'}: epoch 1 completed, continuing with epoch 2 of 3"
+            in proc.stdout)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*.pth")) == ["checkpoint.pth"]
+    saved = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert saved["epoch"] == 2 and saved["args"].lr_drop == 2 == saved["lr_scheduler"]["step_size"]
+
+
+@pytest.mark.slow
+def test_auto_resume_of_a_finished_run_says_so(two_epochs, tiny_coco_root):
+    before = snapshot(two_epochs)
+    proc = run_main(train_argv(tiny_coco_root, two_epochs, "--epochs", "2", "--auto_resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == (f"{two_epochs / 'checkpoint.pth'} completed epoch 1, the last of --epochs 2: "
+                                   f"nothing left to train")
+    assert snapshot(two_epochs) == before
+
+
+@pytest.mark.slow
+def test_eval_names_the_checkpoint_it_evaluates(two_epochs, tiny_coco_root, tmp_path):
+    proc = run_main(train_argv(tiny_coco_root, tmp_path, "--eval", "--resume", str(two_epochs / "checkpoint.pth")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"evaluating {two_epochs / 'checkpoint.pth'} (after epoch 1)" in proc.stdout
