@@ -155,8 +155,9 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                                 distributed=env.distributed, node_local=args.cache_mode,
                                 pin_memory=device.type == "cuda")
         if len(loaders.train) == 0 and not args.eval:
+            share = f", the share of each of {env.world_size} processes" if env.distributed else ""
             raise InputValueError(f"--batch_size {args.batch_size} is more than the {len(loaders.train_sampler)} "
-                                  f"training images each of the {env.world_size} processes reads")
+                                  f"training images{share}")
         optimizer, lr_scheduler = build_optimizer(args, model)
         if checkpoint is not None:
             dropped = load_weights(model, checkpoint["model"], source, other_classes=bool(args.finetune))

@@ -77,12 +77,14 @@ def trim_log_on_main(path: PathLike, last_epoch: int) -> None:
 def _load_error(path: PathLike, err: Exception) -> str:
     """What went wrong in ``torch.load``, without its advice to unpickle the file."""
     text = str(err)
+    detail = text.splitlines()[0] if text else type(err).__name__
     if "WeightsUnpickler error:" in text:
         detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
-        detail = detail.split(" was not an allowed global")[0]
-        return (f"{path} holds something other than tensors, containers and argparse.Namespace ({detail}); "
-                f"checkpoints are read with weights_only=True and never unpickled")
-    return f"{path} is not a readable checkpoint (truncated, or not written by torch.save): {text.splitlines()[0]}"
+        if detail.startswith("Unsupported global"):
+            detail = detail.split(" was not an allowed global")[0]
+            return (f"{path} holds something other than tensors, containers and argparse.Namespace ({detail}); "
+                    f"checkpoints are read with weights_only=True and never unpickled")
+    return f"{path} is not a readable checkpoint (truncated, or not written by torch.save): {detail}"
 
 
 def load_checkpoint(path: PathLike) -> dict[str, Any]:
