@@ -11,9 +11,12 @@ from torch import Tensor, nn
 from datasets.coco_eval import CocoEvaluator
 from util.dist import is_main_process, reduce_dict
 from util.logger import MetricLogger, SmoothedValue, print_main
-from util.misc import NestedTensor
+from util.misc import NestedTensor, full_precision
 
 Targets = list[dict[str, Any]]
+
+# --amp: the autocast dtype of the forward pass (None: float32 throughout, the original).
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,22 +55,52 @@ def _loss_scalars(loss_dict: Mapping[str, Tensor], weight_dict: Mapping[str, flo
     return values, host[offset + len(names):]
 
 
+def _to_float32(outputs: Any) -> Any:
+    """The model's outputs (nested dicts and lists of tensors) with half-precision tensors in float32."""
+    if isinstance(outputs, dict):
+        return {k: _to_float32(v) for k, v in outputs.items()}
+    if isinstance(outputs, list):
+        return [_to_float32(v) for v in outputs]
+    return full_precision(outputs) if isinstance(outputs, Tensor) else outputs
+
+
+def forward(model: nn.Module, samples: NestedTensor, amp: torch.dtype | None = None) -> dict[str, Any]:
+    """``model(samples)``; with ``amp``, under autocast to that dtype on the samples' device, and
+    the outputs brought back to float32: the matcher, the losses and the post-processing run in
+    float32, since their costs in half precision would change the matches."""
+    if amp is None:
+        return model(samples)
+    with torch.autocast(samples.tensors.device.type, dtype=amp):
+        outputs = model(samples)
+    return _to_float32(outputs)
+
+
 def train_step(model: nn.Module, criterion: nn.Module, samples: NestedTensor, targets: Targets,
-               optimizer: torch.optim.Optimizer, max_norm: float) -> dict[str, float]:
-    """Forward, weighted loss, backward, gradient clipping and optimizer step for one batch.
+               optimizer: torch.optim.Optimizer, max_norm: float, amp: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+    """Forward (see :func:`forward` for ``amp``), weighted loss, backward, gradient clipping and
+    optimizer step for one batch.
 
     Returns the logged values (see :func:`_loss_scalars`) plus ``grad_norm`` (before clipping).
     Beyond those of the model and criterion, the step synchronises with the host once: one transfer
     of all logged values, after the backward pass and before the optimizer step. A non-finite loss
     raises :class:`NonFiniteLossError` there, leaving the weights and optimizer state unchanged.
+
+    With a ``scaler`` (float16), the loss is scaled for the backward pass and the gradients are
+    unscaled before clipping; a step whose gradients overflow is skipped by the scaler (no error,
+    and no ``grad_norm`` logged for it), which costs one more synchronisation.
     """
-    outputs = model(samples)
+    outputs = forward(model, samples, amp)
     loss_dict = criterion(outputs, targets)
     weight_dict = criterion.weight_dict
     loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
     optimizer.zero_grad()
-    loss.backward()
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
     if max_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -78,19 +111,25 @@ def train_step(model: nn.Module, criterion: nn.Module, samples: NestedTensor, ta
     if not math.isfinite(values["loss"]):
         raise NonFiniteLossError(f"loss is {values['loss']}, stopping training; losses averaged "
                                  f"over processes: {values}")
-    optimizer.step()
-    values["grad_norm"] = grad_norm_value
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    if scaler is None or math.isfinite(grad_norm_value):
+        values["grad_norm"] = grad_norm_value
     return values
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
-                    max_norm: float = 0, print_freq: int = 10) -> dict[str, float]:
+                    max_norm: float = 0, print_freq: int = 10, amp: torch.dtype | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     """Train for one pass over ``data_loader``; return each logged value's average over the epoch
     and over all processes.
 
     ``max_norm > 0`` clips the gradient norm to it; ``grad_norm`` is logged either way (before
-    clipping).
+    clipping). ``amp`` and ``scaler``: see :func:`train_step`.
     """
     model.train()
     criterion.train()
@@ -100,7 +139,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     logger.add_meter("grad_norm", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     for samples, targets in logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]", device):
         samples, targets = to_device(samples, targets, device)
-        values = train_step(model, criterion, samples, targets, optimizer, max_norm)
+        values = train_step(model, criterion, samples, targets, optimizer, max_norm, amp, scaler)
         logger.update(**values)
         if "class_error_unscaled" in values:
             logger.update(class_error=values["class_error_unscaled"])
@@ -123,7 +162,7 @@ def _quiet_unless_main() -> Iterator[None]:
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str, nn.Module],
              data_loader: Iterable, base_ds: Any, device: torch.device,
-             print_freq: int = 10) -> tuple[dict[str, Any], CocoEvaluator]:
+             print_freq: int = 10, amp: torch.dtype | None = None) -> tuple[dict[str, Any], CocoEvaluator]:
     """Losses and COCO box AP of ``model`` over ``data_loader`` (every process's share of it).
 
     Predictions from all processes are gathered before COCO evaluation, whose 12-line summary is
@@ -141,7 +180,7 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
             continue
         image_ids = [int(t["image_id"]) for t in targets]
         samples, targets = to_device(samples, targets, device)
-        outputs = model(samples)
+        outputs = forward(model, samples, amp)
         loss_dict = criterion(outputs, targets)
         values, _ = _loss_scalars(loss_dict, criterion.weight_dict)
         logger.update(**values)

@@ -104,7 +104,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     from datasets import build_dataset
     from datasets.coco import check_num_classes
     from datasets.loaders import build_loaders
-    from engine import evaluate, train_one_epoch
+    from engine import AMP_DTYPES, evaluate, train_one_epoch
     from models import build_model
     from util.checkpoint import (
         completed_epoch,
@@ -159,6 +159,9 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
             raise InputValueError(f"--batch_size {args.batch_size} is more than the {len(loaders.train_sampler)} "
                                   f"training images{share}")
         optimizer, lr_scheduler = build_optimizer(args, model)
+        amp = AMP_DTYPES[args.amp]
+        # float16 needs loss scaling (its range is too small for the gradients); bfloat16 does not.
+        scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
         if checkpoint is not None:
             dropped = load_weights(model, checkpoint["model"], source, other_classes=bool(args.finetune))
             if args.finetune:
@@ -170,7 +173,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                 model, device_ids=[env.local_rank] if device.type == "cuda" else None)
 
         def run_evaluation():
-            return evaluate(model, criterion, postprocessors, loaders.val, dataset_val.coco, device)
+            return evaluate(model, criterion, postprocessors, loaders.val, dataset_val.coco, device, amp=amp)
 
         if args.eval:
             print_main(f"evaluating {source or 'the initial weights'}"
@@ -183,7 +186,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
 
         start_epoch = args.start_epoch
         if last_epoch is not None:
-            restore_training_state(checkpoint, optimizer, lr_scheduler)
+            restore_training_state(checkpoint, optimizer, lr_scheduler, scaler)
             start_epoch = last_epoch + 1
             if lr_scheduler.step_size != args.lr_drop:
                 print_main(f"note: continuing the saved schedule of {source} (lr drop every "
@@ -208,7 +211,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
             if env.distributed:
                 loaders.train_sampler.set_epoch(epoch)
             train_stats = train_one_epoch(model, criterion, loaders.train, optimizer, device, epoch,
-                                          args.clip_max_norm)
+                                          args.clip_max_norm, amp=amp, scaler=scaler)
             lr_scheduler.step()
             test_stats, coco_evaluator = run_evaluation()
             if args.output_dir:
@@ -217,6 +220,8 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                              "epoch": epoch, "n_parameters": n_parameters}
                 state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": saved_args}
+                if scaler is not None:
+                    state["scaler"] = scaler.state_dict()
                 save_epoch(output_dir, epoch, log_stats, coco_evaluator.coco_eval["bbox"].eval, state,
                            lr_scheduler.step_size)
         print_main(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")

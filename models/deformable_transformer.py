@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from util.errors import ParameterError
-from util.misc import inverse_sigmoid
+from util.misc import full_precision, inverse_sigmoid
 
 from .ms_deform_attn import MSDeformAttn
 
@@ -377,7 +377,7 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = torch.split(query_embed, channels, dim=1)
             query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
             tgt = tgt.unsqueeze(0).expand(batch, -1, -1)
-            reference_points = self.reference_points(query_pos).sigmoid()
+            reference_points = full_precision(self.reference_points(query_pos)).sigmoid()
         init_reference_out = reference_points
 
         hs, inter_references = self.decoder(tgt, reference_points, memory, spatial_shapes, level_start_index,

@@ -35,6 +35,16 @@ def unavailable_reason(device_type: str) -> str | None:
     return f"ops._C has no kernel for device type {device_type!r}"
 
 
+def dtypes_fit(value: torch.dtype, sampling_locations: torch.dtype, attention_weights: torch.dtype) -> bool:
+    """The op's dtype rule: one dtype for all three, or float32 locations and weights beside a
+    float16 / bfloat16 value (what :class:`~models.ms_deform_attn.MSDeformAttn` passes under
+    autocast, so that sampling positions keep float32 precision)."""
+    if sampling_locations != attention_weights:
+        return False
+    reduced = value in (torch.float16, torch.bfloat16)
+    return sampling_locations == value or (reduced and sampling_locations == torch.float32)
+
+
 def _check_shapes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_locations: Tensor,
                   attention_weights: Tensor) -> None:
     """The kernels' shape and dtype checks (ValueError, as theirs), in a form that tracing with
@@ -57,8 +67,9 @@ def _check_shapes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
                        lambda: "attention_weights must be (B, Lq, heads, levels, points), got shape "
                                f"{tuple(attention_weights.shape)}")
     torch._check_value(value.is_floating_point(), lambda: f"value must be floating point, got {value.dtype}")
-    torch._check_value(sampling_locations.dtype == value.dtype and attention_weights.dtype == value.dtype,
-                       lambda: "value, sampling_locations and attention_weights must share a dtype")
+    torch._check_value(dtypes_fit(value.dtype, sampling_locations.dtype, attention_weights.dtype),
+                       lambda: "value, sampling_locations and attention_weights must share a dtype (or "
+                               "float32 locations and weights beside a float16 / bfloat16 value)")
     torch._check_value(not (spatial_shapes.is_floating_point() or level_start_index.is_floating_point()),
                        lambda: "spatial_shapes and level_start_index must be integer tensors")
 

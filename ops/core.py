@@ -5,8 +5,10 @@
 :func:`ms_deform_attn` runs the compiled kernel of ``ops._C`` when it can, and this reference
 otherwise.
 """
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -83,9 +85,10 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
                          f"got shape {tuple(attention_weights.shape)}")
     if not value.is_floating_point():
         raise ValueError(f"value must be floating point, got {value.dtype}")
-    if sampling_locations.dtype != value.dtype or attention_weights.dtype != value.dtype:
-        raise ValueError("value, sampling_locations and attention_weights must share a dtype, "
-                         f"got {value.dtype}, {sampling_locations.dtype} and "
+    if not _extension.dtypes_fit(value.dtype, sampling_locations.dtype, attention_weights.dtype):
+        raise ValueError("value, sampling_locations and attention_weights must share a dtype (or, for a "
+                         "float16 / bfloat16 value, sampling_locations and attention_weights may be "
+                         f"float32), got {value.dtype}, {sampling_locations.dtype} and "
                          f"{attention_weights.dtype}")
     for name, index in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
@@ -96,6 +99,22 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
         raise ValueError("value, sampling_locations and attention_weights must be on one device, "
                          f"got {value.device}, {sampling_locations.device} and "
                          f"{attention_weights.device}")
+
+
+@contextlib.contextmanager
+def sampling_backend(backend: str) -> Iterator[None]:
+    """Within the block, ``MSDA_BACKEND`` is ``backend`` (``auto``, ``compiled`` or ``pytorch``);
+    afterwards it is what it was. For running both paths side by side in one process (a traced
+    ``torch.compile`` graph keeps the path it was traced with)."""
+    previous = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = backend
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[BACKEND_ENV]
+        else:
+            os.environ[BACKEND_ENV] = previous
 
 
 @torch.compiler.assume_constant_result
@@ -138,10 +157,12 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     Returns:
         ``(B, Lq, heads * C)`` in the dtype of ``value``.
 
-    The compiled kernel (``ops._C``) runs when it is built for the tensors' device; otherwise
-    :func:`ms_deform_attn_pytorch` runs and a warning says why, once. The environment variable
+    The three float inputs share a dtype, or ``value`` is float16 / bfloat16 and the locations and
+    weights are float32. The compiled kernel (``ops._C``) runs when it is built for the tensors'
+    device; otherwise :func:`ms_deform_attn_pytorch` runs and a warning says why, once. The environment variable
     ``MSDA_BACKEND`` (``auto``, ``compiled`` or ``pytorch``) forces a path. On the CPU, float16
-    and bfloat16 inputs are computed in float32. Inconsistent inputs raise ``ValueError``.
+    and bfloat16 inputs are computed in float32, and so is the pure-PyTorch path beside float32
+    locations. Inconsistent inputs raise ``ValueError``.
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if _use_compiled_kernel(value.device.type):
@@ -152,7 +173,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     if not torch.equal(level_start_index.to(starts.device, starts.dtype), starts):
         raise ValueError(f"level_start_index {level_start_index.tolist()} is not the running sum "
                          f"of H * W over spatial_shapes {spatial_shapes.tolist()}")
-    if value.device.type == "cpu" and value.dtype in _REDUCED_FLOATS:
+    if value.dtype in _REDUCED_FLOATS and (value.device.type == "cpu" or sampling_locations.dtype != value.dtype):
         return ms_deform_attn_pytorch(value.float(), spatial_shapes, sampling_locations.float(),
                                       attention_weights.float()).to(value.dtype)
     return ms_deform_attn_pytorch(value, spatial_shapes, sampling_locations, attention_weights)

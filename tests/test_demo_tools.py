@@ -14,7 +14,7 @@ import models.ms_deform_attn as ms_deform_attn_module
 from datasets import build_dataset
 from models import build_model
 from tools import benchmark as benchmark_tool
-from tools import infer, plot_logs
+from tools import benchmark_train, infer, plot_logs
 from tools.make_synthetic_coco import CATEGORIES, make_synthetic_coco
 
 from helpers import BOX_REFINE, MULTI_SCALE, TWO_STAGE, VARIANT_FLAGS, parse
@@ -332,6 +332,29 @@ def test_benchmark_prints_fps(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if "images/s" in line]
     assert [line.split(":")[0] for line in lines] == ["batch 1", "batch 4"]
     assert all(float(line.split()[2]) > 0 for line in lines)
+
+
+def test_benchmark_compares_precisions_and_backends_side_by_side(capsys):
+    assert benchmark_tool.main(TINY_MODEL + ["--device", "cpu", "--image_size", "64", "96", "--num_iters", "1",
+                                             "--warmup", "0", "--batch_sizes", "2", "--amp", "none", "bf16",
+                                             "--compare_backends"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("batch 2:")]
+    assert [(r[9], r[11]) for r in rows] == [("none", "compiled"), ("none", "pytorch"), ("bf16", "compiled"),
+                                           ("bf16", "pytorch")]
+    assert rows[0][-1] == "1.00x"
+
+
+def test_benchmark_train_compares_precisions_and_backends_side_by_side(tiny_coco_root, capsys):
+    argv = TINY_MODEL + ["--device", "cpu", "--coco_path", str(tiny_coco_root), "--train_scales", "64",
+                         "--max_size", "96", "--num_workers", "0", "--batch_size", "2", "--num_iters", "1",
+                         "--warmup", "0", "--amp", "none", "fp16", "--compare_backends"]
+    argv[argv.index("--num_classes") + 1] = "8"
+    assert benchmark_train.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("none", "compiled"), ("none", "pytorch"), ("fp16", "compiled"),
+                                           ("fp16", "pytorch")]
+    assert all(float(r[2]) > 0 and float(r[5]) > 0 for r in rows) and rows[0][-1] == "1.00x"
 
 
 def test_infer_draw_scale_enlarges_picture_and_boxes(checkpoints, wide_image, tmp_path, capsys):

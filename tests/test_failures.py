@@ -223,8 +223,9 @@ def weights(path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_ends_with_the_same_weights(coco, tmp_path):
-    flags = ["--epochs", "3", "--lr_drop", "2"]
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_killed_and_resumed_run_ends_with_the_same_weights(coco, tmp_path, amp):
+    flags = ["--epochs", "3", "--lr_drop", "2", "--amp", amp]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_main(argv(coco, straight, *flags)).returncode == 0
 

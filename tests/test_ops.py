@@ -430,6 +430,19 @@ class TestDispatch:
         assert out.dtype == dtype
         torch.testing.assert_close(out.double(), reference(inputs), rtol=2e-2, atol=2e-2)
 
+    def test_sampling_backend_is_scoped(self, monkeypatch):
+        calls = []
+        monkeypatch.setattr(core, "ms_deform_attn_pytorch",
+                            lambda *args: calls.append(1) or ops.ms_deform_attn_pytorch(*args))
+        monkeypatch.setenv(core.BACKEND_ENV, "compiled")
+        with ops.sampling_backend("pytorch"):
+            ops.ms_deform_attn(*make_inputs(*CASES["basic"]))
+        assert calls == [1] and core.os.environ[core.BACKEND_ENV] == "compiled"
+        monkeypatch.delenv(core.BACKEND_ENV)
+        with ops.sampling_backend("pytorch"):
+            pass
+        assert core.BACKEND_ENV not in core.os.environ
+
     def test_unsupported_device_reason(self):
         assert "meta" in _extension.unavailable_reason("meta")
 

@@ -1,19 +1,26 @@
-"""Measure inference speed (images per second) of a Deformable DETR configuration.
+"""Measure inference speed (images per second) of a Deformable DETR configuration, for one or
+several precisions and sampling backends side by side.
 
 Takes main.py's model flags (variant, backbone, sizes, ``--device``, ``--resume`` for weights)
-plus ``--batch_sizes``, ``--num_iters``, ``--warmup`` and ``--image_size H W``, e.g.::
+plus ``--batch_sizes``, ``--num_iters``, ``--warmup``, ``--rounds`` and ``--image_size H W``, e.g.::
 
     python tools/benchmark.py --with_box_refine --two_stage --device cuda
-    python tools/benchmark.py --backbone resnet18 --device cpu --num_iters 10
+    python tools/benchmark.py --device cpu --image_size 608 800 --amp none bf16 --compare_backends
 
 As the original's ``benchmark.py`` does, it times forward passes under ``torch.no_grad`` over one
-fixed batch (here random images of ``--image_size``, ImageNet-normalised), discards the
-``--warmup`` first passes and synchronises CUDA around each timed one. The backbone starts from
-random weights (``--backbone_weights none``) unless given, since speed does not depend on them.
+fixed batch (here random images of ``--image_size``, ImageNet-normalised), after ``--warmup``
+untimed passes, synchronising CUDA around each timed one. ``--amp`` takes several modes and
+``--compare_backends`` adds the pure-PyTorch sampling core (``MSDA_BACKEND=pytorch``, the
+original's computation) beside the compiled op; every configuration is timed ``--num_iters``
+passes per round, in turn, for ``--rounds`` rounds, and the median over the rounds is printed with
+the speed relative to the first configuration. The backbone starts from random weights
+(``--backbone_weights none``) unless given, since speed does not depend on them.
 ``--image_size`` defaults to 800x1333 (COCO evaluation size) on CUDA and to 320x480 on CPU.
 ``--device`` defaults to cuda where one is visible, else cpu.
 """
 import argparse
+import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -24,78 +31,110 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine import AMP_DTYPES, forward  # noqa: E402
 from models import build_model  # noqa: E402
-from util.checkpoint import load_checkpoint  # noqa: E402
+from ops import BACKEND_ENV, sampling_backend  # noqa: E402
+from util.checkpoint import load_checkpoint, load_weights  # noqa: E402
+from util.errors import InputError, InputValueError  # noqa: E402
 from util.flags import cli_parser  # noqa: E402
 from util.misc import NestedTensor, nested_tensor_from_tensor_list  # noqa: E402
 
 GPU_IMAGE_SIZE = (800, 1333)
 CPU_IMAGE_SIZE = (320, 480)
 
+Config = tuple[int, str, str]  # (batch size, amp, MSDA_BACKEND)
+
 
 @torch.no_grad()
-def seconds_per_batch(model: nn.Module, inputs: NestedTensor, num_iters: int, warmup: int,
-                      device: torch.device) -> float:
-    """Mean wall time of ``model(inputs)`` over ``num_iters`` passes after ``warmup`` untimed ones."""
+def seconds_per_batch(model: nn.Module, inputs: NestedTensor, num_iters: int, device: torch.device,
+                      amp: torch.dtype | None = None) -> float:
+    """Mean wall time of the forward pass over ``num_iters`` passes."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        model(inputs)
     total = 0.0
     for _ in range(num_iters):
         sync()
         start = time.perf_counter()
-        model(inputs)
+        forward(model, inputs, amp)
         sync()
         total += time.perf_counter() - start
     return total / num_iters
 
 
-def benchmark(args: argparse.Namespace) -> dict[int, float]:
-    """Images per second for each of ``args.batch_sizes``."""
-    if args.num_iters < 1 or args.warmup < 0:
-        raise ValueError(f"need --num_iters >= 1 and --warmup >= 0, got {args.num_iters} and {args.warmup}")
+def benchmark(args: argparse.Namespace) -> dict[Config, float]:
+    """Images per second (median over the rounds) for each batch size, amp mode and backend."""
+    if args.num_iters < 1 or args.warmup < 0 or args.rounds < 1:
+        raise InputValueError(f"need --num_iters >= 1, --warmup >= 0 and --rounds >= 1, got {args.num_iters}, "
+                              f"{args.warmup} and {args.rounds}")
     if any(b < 1 for b in args.batch_sizes):
-        raise ValueError(f"--batch_sizes must be positive, got {args.batch_sizes}")
+        raise InputValueError(f"--batch_sizes must be positive, got {args.batch_sizes}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {args.device} but no CUDA device is visible; pass --device cpu")
+        raise InputValueError(f"--device {args.device} but no CUDA device is visible; pass --device cpu")
     height, width = args.image_size or (GPU_IMAGE_SIZE if device.type == "cuda" else CPU_IMAGE_SIZE)
 
     torch.manual_seed(args.seed)
     model, _, _ = build_model(args)
     if args.resume:
-        model.load_state_dict(load_checkpoint(args.resume)["model"])
+        load_weights(model, load_checkpoint(args.resume)["model"], args.resume)
     model.to(device).eval()
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     image = ((torch.rand(3, height, width) - mean) / std).to(device)
-    return {batch: batch / seconds_per_batch(model, nested_tensor_from_tensor_list([image] * batch),
-                                             args.num_iters, args.warmup, device)
-            for batch in args.batch_sizes}
+    backends = ["compiled", "pytorch"] if args.compare_backends else [os.environ.get(BACKEND_ENV, "auto")]
+    configs = [(batch, amp, backend) for batch in args.batch_sizes for amp in args.amp for backend in backends]
+    inputs = {batch: nested_tensor_from_tensor_list([image] * batch) for batch in args.batch_sizes}
+
+    def run(config: Config, passes: int) -> float:
+        batch, amp, backend = config
+        with sampling_backend(backend):
+            return seconds_per_batch(model, inputs[batch], passes, device, AMP_DTYPES[amp]) if passes else 0.0
+
+    for config in configs:
+        run(config, args.warmup)
+    seconds: dict[Config, list[float]] = {c: [] for c in configs}
+    for _ in range(args.rounds):
+        for config in configs:
+            seconds[config].append(run(config, args.num_iters))
+    return {config: config[0] / statistics.median(times) for config, times in seconds.items()}
 
 
 def get_parser() -> argparse.ArgumentParser:
     """main.py's flags plus the benchmark's own."""
-    parser = cli_parser("Deformable DETR inference benchmark")
+    parser = cli_parser("Deformable DETR inference benchmark", redefines=True)
     parser.add_argument("--batch_sizes", default=[1, 4], type=int, nargs="+")
-    parser.add_argument("--num_iters", default=20, type=int, help="timed forward passes per batch size")
-    parser.add_argument("--warmup", default=3, type=int, help="untimed forward passes first")
+    parser.add_argument("--num_iters", default=20, type=int, help="timed forward passes per configuration and round")
+    parser.add_argument("--warmup", default=3, type=int, help="untimed forward passes of each configuration first")
+    parser.add_argument("--rounds", default=1, type=int, help="rounds of timed passes over all configurations")
     parser.add_argument("--image_size", default=None, type=int, nargs=2, metavar=("H", "W"),
                         help=f"input size (default {GPU_IMAGE_SIZE[0]} {GPU_IMAGE_SIZE[1]} on CUDA, "
                              f"{CPU_IMAGE_SIZE[0]} {CPU_IMAGE_SIZE[1]} on CPU)")
+    parser.add_argument("--compare_backends", action="store_true",
+                        help="also time the pure-PyTorch sampling core (MSDA_BACKEND=pytorch) beside the compiled op")
+    # Several modes here, side by side, where main.py takes one.
+    parser.add_argument("--amp", default=["none"], nargs="+", choices=tuple(AMP_DTYPES), help="mixed-precision modes")
     parser.set_defaults(backbone_weights="none", device="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    results = benchmark(args)
+    try:
+        results = benchmark(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     variant = "two-stage" if args.two_stage else "box refinement" if args.with_box_refine else "plain"
-    print(f"Deformable DETR ({variant}, {args.backbone}, {args.num_feature_levels} levels), device {args.device}, "
-          f"{args.num_iters} timed passes after {args.warmup} warm-up")
-    for batch, fps in results.items():
-        print(f"batch {batch}: {fps:.2f} images/s ({1000 * batch / fps:.1f} ms per batch)")
+    height, width = args.image_size or (GPU_IMAGE_SIZE if args.device.startswith("cuda") else CPU_IMAGE_SIZE)
+    print(f"Deformable DETR ({variant}, {args.backbone}, {args.num_feature_levels} levels), {height}x{width}, "
+          f"device {args.device}, {torch.get_num_threads()} threads, {args.rounds} rounds of {args.num_iters} timed "
+          f"passes after {args.warmup} warm-up; medians over the rounds")
+    first = {}
+    for (batch, amp, backend), fps in results.items():
+        first.setdefault(batch, fps)
+        print(f"batch {batch}: {fps:.2f} images/s ({1000 * batch / fps:.1f} ms per batch)  amp {amp:4s}  "
+              f"sampling {backend:8s}  speed vs first {fps / first[batch]:.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,16 +1,25 @@
-"""Time the training step: seconds per iteration, time waiting for data, and peak memory.
+"""Time the training step: seconds per iteration, time waiting for data, and peak memory, for one
+or several configurations side by side.
 
-Takes main.py's flags (model, data, --batch_size, --num_workers, --device) plus --num_iters and
---warmup, e.g.::
+Takes main.py's flags (model, data, --batch_size, --num_workers, --device) plus --num_iters,
+--warmup and --rounds, e.g.::
 
     python tools/benchmark_train.py --coco_path data/coco --batch_size 2 --num_iters 50
+    python tools/benchmark_train.py --coco_path data/shapes --amp none bf16 --compare_backends
 
-It builds the model, optimizer and training DataLoader as main.py does (one process), runs
-``--warmup`` untimed steps and then ``--num_iters`` timed ones with :func:`engine.train_step`,
-and prints the means. Peak memory is ``torch.cuda.max_memory_allocated`` on CUDA (reset after the
-warm-up) and the process's peak resident set size on CPU (whole run, data included).
+It builds the model, optimizer and training DataLoader as main.py does (one process) and times
+:func:`engine.train_step`. ``--amp`` takes several modes and ``--compare_backends`` adds the
+pure-PyTorch sampling core (``MSDA_BACKEND=pytorch``, the original's computation) beside the
+compiled op: each configuration gets ``--warmup`` untimed steps, then ``--rounds`` rounds each time
+``--num_iters`` steps of every configuration in turn, so that a change in the machine's load hits
+all alike. It prints the median over the rounds of each configuration's seconds per iteration,
+its data time, its peak memory (``torch.cuda.max_memory_allocated`` on CUDA, the peak resident set
+size on the CPU, both reset before each configuration's steps) and its speed relative to the first
+configuration.
 """
 import argparse
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,72 +30,104 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import build_dataset  # noqa: E402
 from datasets.loaders import build_loaders  # noqa: E402
-from engine import to_device, train_step  # noqa: E402
+from engine import AMP_DTYPES, to_device, train_step  # noqa: E402
 from models import build_model  # noqa: E402
+from ops import BACKEND_ENV, sampling_backend  # noqa: E402
+from util.errors import InputValueError  # noqa: E402
 from util.flags import cli_parser  # noqa: E402
-from util.logger import peak_memory_mb  # noqa: E402
+from util.logger import peak_memory_mb, reset_peak_memory  # noqa: E402
 from util.misc import seed_everything  # noqa: E402
 from util.optim import build_optimizer  # noqa: E402
 
+Config = tuple[str, str]  # (amp, MSDA_BACKEND)
 
-def benchmark(args: argparse.Namespace) -> dict[str, float]:
-    """Mean ``sec_per_iter`` and ``data_sec_per_iter`` over the timed steps, ``data_share`` (their
-    ratio), ``images_per_sec`` and ``peak_mem_mb`` (see the module docstring)."""
-    if args.num_iters < 1 or args.warmup < 0:
-        raise ValueError(f"need --num_iters >= 1 and --warmup >= 0, got {args.num_iters} and {args.warmup}")
+
+def benchmark(args: argparse.Namespace) -> dict[Config, dict[str, float]]:
+    """Per configuration: medians over the rounds of ``sec_per_iter`` and ``data_sec_per_iter``,
+    ``images_per_sec`` and the largest ``peak_mem_mb`` (see the module docstring)."""
+    if args.num_iters < 1 or args.warmup < 0 or args.rounds < 1:
+        raise InputValueError(f"need --num_iters >= 1, --warmup >= 0 and --rounds >= 1, got {args.num_iters}, "
+                              f"{args.warmup} and {args.rounds}")
     device = torch.device(args.device)
     seed_everything(args.seed)
     model, criterion, _ = build_model(args)
-    model.to(device)
-    criterion.to(device)
-    model.train()
-    criterion.train()
+    model.to(device).train()
+    criterion.to(device).train()
     optimizer, _ = build_optimizer(args, model)
     dataset_train = build_dataset("train", args)
     loader = build_loaders(dataset_train, dataset_train, args.batch_size, args.num_workers,
                            pin_memory=device.type == "cuda").train
+    backends = ["compiled", "pytorch"] if args.compare_backends else [os.environ.get(BACKEND_ENV, "auto")]
+    configs = [(amp, backend) for amp in args.amp for backend in backends]
+    scalers = {amp: torch.amp.GradScaler(device.type) if amp == "fp16" else None for amp in args.amp}
 
     def batches():
         while True:
             yield from loader
 
     stream = batches()
-    data_time = step_time = 0.0
-    for i in range(args.warmup + args.num_iters):
-        if i == args.warmup:
+
+    def run(config: Config, steps: int) -> tuple[float, float]:
+        amp, backend = config
+        data_time = step_time = 0.0
+        for _ in range(steps):
+            start = time.perf_counter()
+            samples, targets = next(stream)
+            fetched = time.perf_counter()
+            samples, targets = to_device(samples, targets, device)
+            with sampling_backend(backend):
+                train_step(model, criterion, samples, targets, optimizer, args.clip_max_norm, AMP_DTYPES[amp],
+                           scalers[amp])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            data_time = step_time = 0.0
-        start = time.perf_counter()
-        samples, targets = next(stream)
-        fetched = time.perf_counter()
-        samples, targets = to_device(samples, targets, device)
-        train_step(model, criterion, samples, targets, optimizer, args.clip_max_norm)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        end = time.perf_counter()
-        data_time += fetched - start
-        step_time += end - start
-    n = args.num_iters
-    return {"sec_per_iter": step_time / n, "data_sec_per_iter": data_time / n,
-            "data_share": data_time / step_time, "images_per_sec": n * args.batch_size / step_time,
-            "peak_mem_mb": peak_memory_mb(device)}
+            data_time += fetched - start
+            step_time += time.perf_counter() - start
+        return step_time / max(steps, 1), data_time / max(steps, 1)
+
+    for config in configs:
+        run(config, args.warmup)
+    times: dict[Config, list[tuple[float, float]]] = {c: [] for c in configs}
+    peaks = dict.fromkeys(configs, 0.0)
+    for _ in range(args.rounds):
+        for config in configs:
+            reset_peak_memory(device)
+            times[config].append(run(config, args.num_iters))
+            peaks[config] = max(peaks[config], peak_memory_mb(device))
+    results = {}
+    for config in configs:
+        sec = statistics.median(t for t, _ in times[config])
+        results[config] = {"sec_per_iter": sec, "data_sec_per_iter": statistics.median(d for _, d in times[config]),
+                           "images_per_sec": args.batch_size / sec, "peak_mem_mb": peaks[config]}
+    return results
 
 
-def main() -> None:
-    parser = cli_parser("Deformable DETR training-step benchmark")
-    parser.add_argument("--num_iters", default=20, type=int, help="timed iterations")
-    parser.add_argument("--warmup", default=3, type=int, help="untimed iterations first")
-    args = parser.parse_args()
-    result = benchmark(args)
+def main(argv: list[str] | None = None) -> int:
+    parser = cli_parser("Deformable DETR training-step benchmark", redefines=True)
+    parser.add_argument("--num_iters", default=20, type=int, help="timed iterations per configuration and round")
+    parser.add_argument("--warmup", default=3, type=int, help="untimed iterations of each configuration first")
+    parser.add_argument("--rounds", default=1, type=int, help="rounds of timed iterations over all configurations")
+    parser.add_argument("--compare_backends", action="store_true",
+                        help="also time the pure-PyTorch sampling core (MSDA_BACKEND=pytorch) beside the compiled op")
+    # Several modes here, side by side, where main.py takes one.
+    parser.add_argument("--amp", default=["none"], nargs="+", choices=tuple(AMP_DTYPES), help="mixed-precision modes")
+    args = parser.parse_args(argv)
+    try:
+        results = benchmark(args)
+    except InputValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     memory = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
-    print(f"device {args.device}, batch size {args.batch_size}, {args.num_workers} data workers, "
-          f"{args.num_iters} timed iterations after {args.warmup} warm-up")
-    print(f"time/iter   {result['sec_per_iter']:.4f} s  ({result['images_per_sec']:.2f} images/s)")
-    print(f"data/iter   {result['data_sec_per_iter']:.4f} s  ({100 * result['data_share']:.1f}% of the step)")
-    print(f"peak memory {result['peak_mem_mb']:.0f} MB ({memory})")
+    print(f"device {args.device}, {torch.get_num_threads()} threads, batch size {args.batch_size}, "
+          f"{args.num_workers} data workers, {args.rounds} rounds of {args.num_iters} timed iterations after "
+          f"{args.warmup} warm-up; medians over the rounds")
+    print(f"{'amp':5s} {'sampling':9s} {'s/iter':>8s} {'images/s':>9s} {'data s/iter':>12s} "
+          f"{'peak MB':>8s} ({memory})  speed vs first")
+    first = next(iter(results.values()))["sec_per_iter"]
+    for (amp, backend), r in results.items():
+        print(f"{amp:5s} {backend:9s} {r['sec_per_iter']:8.4f} {r['images_per_sec']:9.2f} "
+              f"{r['data_sec_per_iter']:12.4f} {r['peak_mem_mb']:8.0f}  {first / r['sec_per_iter']:.2f}x")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

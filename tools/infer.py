@@ -46,11 +46,13 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.transforms import make_coco_transforms  # noqa: E402
+from engine import AMP_DTYPES, forward  # noqa: E402
 from models import build_model  # noqa: E402
 from util import box_ops  # noqa: E402
 from util.checkpoint import load_checkpoint, load_weights  # noqa: E402
 from util.errors import InputError, InputFileNotFoundError, InputValueError  # noqa: E402
 from util.flags import get_args_parser  # noqa: E402
+from util.misc import nested_tensor_from_tensor_list  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -226,9 +228,10 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection], names: 
 
 
 def infer_image(model: nn.Module, args: argparse.Namespace, path: Path, device: torch.device, threshold: float,
-                top_k: int, num_sampling_dets: int = 0) -> tuple[Image.Image, list[Detection],
-                                                                 list[tuple[Tensor, Tensor]]]:
-    """Detect in one image. Returns the image, its detections and, for the first
+                top_k: int, num_sampling_dets: int = 0,
+                amp: torch.dtype | None = None) -> tuple[Image.Image, list[Detection], list[tuple[Tensor, Tensor]]]:
+    """Detect in one image (with ``amp``, under autocast: see :func:`engine.forward`). Returns the
+    image, its detections and, for the first
     ``num_sampling_dets`` of them, the last decoder layer's sampling points of their query:
     ``xy (N, 2)`` in original-image pixels (points outside the image included; they sample
     zeros) and their attention weights ``(N,)``, ``N = heads * levels * points``."""
@@ -240,7 +243,7 @@ def infer_image(model: nn.Module, args: argparse.Namespace, path: Path, device: 
     tensor, _ = transform(image, None)
     orig_w, orig_h = image.size
     with SamplingRecorder(model.transformer.decoder.layers[-1].cross_attn) as recorder, torch.no_grad():
-        outputs = model([tensor.to(device)])
+        outputs = forward(model, nested_tensor_from_tensor_list([tensor.to(device)]), amp)
     detections = select_detections(outputs, (orig_h, orig_w), threshold, top_k)
 
     points = []
@@ -286,6 +289,8 @@ def infer(argv: list[str] | None = None) -> None:
                         help="with --show_sampling_points: how many of the best detections get their points")
     parser.add_argument("--draw_scale", default=1.0, type=float,
                         help="draw on the image enlarged by this factor (for small images)")
+    parser.add_argument("--amp", default="none", choices=tuple(AMP_DTYPES),
+                        help="run the model under autocast to bfloat16 or float16 (see main.py --amp)")
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top_k must be >= 1, got {args.top_k}")
@@ -305,7 +310,7 @@ def infer(argv: list[str] | None = None) -> None:
     num_sampling_dets = args.num_sampling_dets if args.show_sampling_points else 0
     for path in paths:
         image, detections, points = infer_image(model, train_args, path, device, args.threshold, args.top_k,
-                                                num_sampling_dets)
+                                                num_sampling_dets, AMP_DTYPES[args.amp])
         out = out_dir / f"{path.stem}_det.png"
         draw_detections(image, detections, names, points if args.show_sampling_points else None,
                         args.draw_scale).save(out)

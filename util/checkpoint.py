@@ -154,10 +154,14 @@ def completed_epoch(checkpoint: Mapping[str, Any]) -> int | None:
 
 
 def restore_training_state(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer,
-                           lr_scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-    """Load a training checkpoint's optimizer and learning-rate schedule."""
+                           lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+                           scaler: torch.amp.GradScaler | None = None) -> None:
+    """Load a training checkpoint's optimizer, learning-rate schedule and, for a ``scaler``
+    (float16 training), its loss scale; a checkpoint of a run without one leaves the scaler fresh."""
     optimizer.load_state_dict(checkpoint["optimizer"])
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if scaler is not None and "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
 
 
 def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:

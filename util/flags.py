@@ -131,6 +131,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="warn about and skip images that cannot be read, instead of stopping")
     group.add_argument("--dist_timeout", default=30.0, type=float,
                        help="minutes a process waits for the others in a collective before failing")
+    group.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                       help="mixed precision: the forward pass under autocast to bfloat16 or float16 (with loss "
+                            "scaling); matching, losses and post-processing stay float32. 'none' is the "
+                            "original's float32")
     group.add_argument("--debug", action="store_true",
                        help="print the traceback of an error in the input (flags, files, data), not only its message")
     # The original's sizes; datasets.transforms.DEFAULT_SCALES is the same list for library callers.
@@ -168,9 +172,11 @@ class FlagParser(argparse.ArgumentParser):
         super().error(message)
 
 
-def cli_parser(description: str) -> FlagParser:
-    """``main.py``'s flags and ``-h``, for a program that adds its own flags to them."""
-    return FlagParser(description=description, parents=[get_args_parser()])
+def cli_parser(description: str, redefines: bool = False) -> FlagParser:
+    """``main.py``'s flags and ``-h``, for a program that adds its own flags to them (with
+    ``redefines``, also flags of the same name that replace main.py's)."""
+    return FlagParser(description=description, parents=[get_args_parser()],
+                      conflict_handler="resolve" if redefines else "error")
 
 
 def config_flags(name: str) -> list[str]:

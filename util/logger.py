@@ -6,6 +6,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sized
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -24,12 +25,26 @@ def print_main(*values: Any, **kwargs: Any) -> None:
         print(*values, **kwargs)
 
 
+_PROC_STATUS = Path("/proc/self/status")
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory in MB: ``torch.cuda.max_memory_allocated`` on CUDA, else the process's peak RSS."""
+    """Peak memory in MB since the start or the last :func:`reset_peak_memory`:
+    ``torch.cuda.max_memory_allocated`` on CUDA, else the process's peak resident set size."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / _MB
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if _PROC_STATUS.exists():  # Linux: VmHWM, in kB, is the peak RSS and can be reset
+        line = next(line for line in _PROC_STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux, bytes on macOS
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start :func:`peak_memory_mb` afresh (on the CPU where Linux allows resetting the peak RSS)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif _PROC_STATUS.exists():
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 class SmoothedValue:

@@ -67,6 +67,15 @@ def collate_fn(batch: list[tuple | None]) -> tuple:
     return (nested_tensor_from_tensor_list(images), *rest)
 
 
+def full_precision(x: Tensor) -> Tensor:
+    """``x`` in float32 if it is float16 or bfloat16 (as under autocast), else unchanged.
+
+    For what mixed precision must not round: sampling locations, reference points, softmax
+    logits. Without autocast it returns ``x`` itself, so float32 and float64 runs are untouched.
+    """
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """``log(x / (1 - x))`` with ``x`` clamped to ``[0, 1]`` and both terms to at least ``eps``."""
     x = x.clamp(min=0, max=1)

@@ -14,6 +14,10 @@ bool is_index_dtype(at::ScalarType dtype) {
 
 }  // namespace
 
+bool is_reduced_float(at::ScalarType dtype) {
+  return dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
 void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                   const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                   const at::Tensor& attention_weights) {
@@ -40,9 +44,13 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                     attention_weights.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(value.scalar_type()),
                     "value must be floating point, got ", value.scalar_type());
-  TORCH_CHECK_VALUE(sampling_locations.scalar_type() == value.scalar_type() &&
-                        attention_weights.scalar_type() == value.scalar_type(),
-                    "value, sampling_locations and attention_weights must share a dtype, got ",
+  TORCH_CHECK_VALUE(attention_weights.scalar_type() == sampling_locations.scalar_type() &&
+                        (sampling_locations.scalar_type() == value.scalar_type() ||
+                         (is_reduced_float(value.scalar_type()) &&
+                          sampling_locations.scalar_type() == at::kFloat)),
+                    "value, sampling_locations and attention_weights must share a dtype (or, for a "
+                    "float16 / bfloat16 value, sampling_locations and attention_weights may be "
+                    "float32), got ",
                     value.scalar_type(), ", ", sampling_locations.scalar_type(), " and ",
                     attention_weights.scalar_type());
   TORCH_CHECK_VALUE(is_index_dtype(spatial_shapes.scalar_type()) &&

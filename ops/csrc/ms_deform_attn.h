@@ -18,6 +18,10 @@ struct Geometry {
   int64_t points;
 };
 
+// float16 or bfloat16: computed in float32, and the dtypes whose sampling_locations and
+// attention_weights may be float32 (the sampling positions then keep float32 precision).
+bool is_reduced_float(at::ScalarType dtype);
+
 // Reads the Geometry off checked inputs.
 Geometry geometry_of(const at::Tensor& value, const at::Tensor& sampling_locations);
 

@@ -279,10 +279,6 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const L
   });
 }
 
-bool is_reduced_float(at::ScalarType dtype) {
-  return dtype == at::kHalf || dtype == at::kBFloat16;
-}
-
 }  // namespace
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -322,7 +318,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     auto [grad_value, grad_locations, grad_weights] = ms_deform_attn_backward_cpu(
         grad_output.to(at::kFloat), value.to(at::kFloat), spatial_shapes, level_start_index,
         sampling_locations.to(at::kFloat), attention_weights.to(at::kFloat));
-    return {grad_value.to(dtype), grad_locations.to(dtype), grad_weights.to(dtype)};
+    return {grad_value.to(dtype), grad_locations.to(sampling_locations.scalar_type()),
+            grad_weights.to(attention_weights.scalar_type())};
   }
   const Geometry g = geometry_of(value, sampling_locations);
   const Levels lv = read_levels(spatial_shapes, level_start_index, g.spatial);

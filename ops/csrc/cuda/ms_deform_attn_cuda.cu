@@ -5,6 +5,8 @@
 // aligned for it; the C / CPT threads of a (batch, query, head) are consecutive, so they share a
 // warp whenever C / CPT <= 32. All arithmetic is done in at::opmath_type (float for half and
 // bfloat16), gradients are accumulated in buffers of that type, and every index is 64-bit.
+// Beside a half or bfloat16 value, sampling_locations and attention_weights may be float32
+// (loc_t), which keeps the sampling positions exact to float32.
 //
 // Backward scatters into grad_value with atomicAdd (vector atomics for float on sm_90). The
 // location and weight gradients are summed over the channel threads of a sample with warp
@@ -151,11 +153,11 @@ __device__ __forceinline__ void for_each_sample(const Geometry& g, const int64_t
   }
 }
 
-template <typename scalar_t, int CPT>
+template <typename scalar_t, typename loc_t, int CPT>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
-                   const int64_t* __restrict__ starts, const scalar_t* __restrict__ locations,
-                   const scalar_t* __restrict__ weights, scalar_t* __restrict__ output,
+                   const int64_t* __restrict__ starts, const loc_t* __restrict__ locations,
+                   const loc_t* __restrict__ weights, scalar_t* __restrict__ output,
                    Geometry g, int64_t total) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -208,11 +210,11 @@ __device__ __forceinline__ acc_t run_sum(acc_t x, int width) {
   return x;
 }
 
-template <typename scalar_t, int CPT>
+template <typename scalar_t, typename loc_t, int CPT>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
                     const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
-                    const scalar_t* __restrict__ locations, const scalar_t* __restrict__ weights,
+                    const loc_t* __restrict__ locations, const loc_t* __restrict__ weights,
                     at::opmath_type<scalar_t>* __restrict__ grad_value,
                     at::opmath_type<scalar_t>* __restrict__ grad_locations,
                     at::opmath_type<scalar_t>* __restrict__ grad_weights, Geometry g,
@@ -286,13 +288,13 @@ __global__ void __launch_bounds__(kThreads)
 // levels * points * 4 + (l * points + p) * 4 + k gets rows[slot], the row of grad_value viewed as
 // (B * S * heads, C) that corner k of sample (l, p) adds to (dummy_row when the corner lies
 // outside its level or the sample misses), and contributions[slot, :], the C values it adds.
-template <typename scalar_t, int CPT>
+template <typename scalar_t, typename loc_t, int CPT>
 __global__ void __launch_bounds__(kThreads)
     corner_contributions_kernel(const scalar_t* __restrict__ grad_output,
                                 const int64_t* __restrict__ shapes,
                                 const int64_t* __restrict__ starts,
-                                const scalar_t* __restrict__ locations,
-                                const scalar_t* __restrict__ weights,
+                                const loc_t* __restrict__ locations,
+                                const loc_t* __restrict__ weights,
                                 at::opmath_type<scalar_t>* __restrict__ contributions,
                                 int64_t* __restrict__ rows, Geometry g, int64_t q_begin,
                                 int64_t chunk_queries, int64_t total, int64_t dummy_row) {
@@ -379,6 +381,19 @@ void with_channels_per_thread(int cpt, const Launch& launch) {
   TORCH_CHECK(false, "ms_deform_attn: no kernel for ", cpt, " channels per thread");
 }
 
+// Calls launch(loc_t*{}) with loc_t the type of sampling_locations and attention_weights:
+// scalar_t, or float beside a float16 / bfloat16 value.
+template <typename scalar_t, typename Launch>
+void with_location_type(at::ScalarType location_dtype, const Launch& launch) {
+  if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+    if (location_dtype == at::kFloat) {
+      launch(static_cast<float*>(nullptr));
+      return;
+    }
+  }
+  launch(static_cast<scalar_t*>(nullptr));
+}
+
 unsigned int blocks_for(int64_t total) {
   const int64_t blocks = (total + kThreads - 1) / kThreads;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
@@ -412,14 +427,17 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
-        with_channels_per_thread<scalar_t>(cpt, [&](auto width) {
-          forward_kernel<scalar_t, decltype(width)::value>
-              <<<blocks_for(total), kThreads, 0, stream>>>(
-                  value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-                  starts.const_data_ptr<int64_t>(), locations_c.const_data_ptr<scalar_t>(),
-                  weights_c.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), g,
-                  total);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        with_location_type<scalar_t>(locations_c.scalar_type(), [&](auto* location_tag) {
+          using loc_t = std::remove_pointer_t<decltype(location_tag)>;
+          with_channels_per_thread<scalar_t>(cpt, [&](auto width) {
+            forward_kernel<scalar_t, loc_t, decltype(width)::value>
+                <<<blocks_for(total), kThreads, 0, stream>>>(
+                    value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+                    starts.const_data_ptr<int64_t>(), locations_c.const_data_ptr<loc_t>(),
+                    weights_c.const_data_ptr<loc_t>(), output.mutable_data_ptr<scalar_t>(), g,
+                    total);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         });
       });
   return output;
@@ -474,43 +492,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, dtype, "ms_deform_attn_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          with_channels_per_thread<scalar_t>(cpt, [&](auto width) {
-            constexpr int kCPT = decltype(width)::value;
-            backward_kernel<scalar_t, kCPT><<<blocks_for(total), kThreads, 0, stream>>>(
-                grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
-                shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-                locations_c.const_data_ptr<scalar_t>(), weights_c.const_data_ptr<scalar_t>(),
-                grad_value.mutable_data_ptr<acc_t>(), grad_locations.mutable_data_ptr<acc_t>(),
-                grad_weights.mutable_data_ptr<acc_t>(), g, total, run_width, run_is_group,
-                /*scatter=*/!deterministic,
-                run_partials.defined() ? run_partials.mutable_data_ptr<acc_t>() : nullptr);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            if (!deterministic) {
-              return;
-            }
-            const int64_t corners_per_query = g.batch * g.heads * g.levels * g.points * 4;
-            const int64_t bytes_per_query =
-                corners_per_query *
-                (g.channels * static_cast<int64_t>(sizeof(acc_t)) + int64_t(sizeof(int64_t)));
-            const int64_t chunk = std::clamp<int64_t>(
-                kDeterministicChunkBytes / std::max<int64_t>(bytes_per_query, 1), 1, g.queries);
-            at::Tensor contributions =
-                at::empty({chunk * corners_per_query, g.channels}, acc_options);
-            at::Tensor rows = at::empty({chunk * corners_per_query}, value.options().dtype(at::kLong));
-            for (int64_t q_begin = 0; q_begin < g.queries; q_begin += chunk) {
-              const int64_t chunk_queries = std::min(chunk, g.queries - q_begin);
-              const int64_t threads = g.batch * chunk_queries * g.heads * groups;
-              corner_contributions_kernel<scalar_t, kCPT>
-                  <<<blocks_for(threads), kThreads, 0, stream>>>(
-                      grad_output_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
-                      starts.const_data_ptr<int64_t>(), locations_c.const_data_ptr<scalar_t>(),
-                      weights_c.const_data_ptr<scalar_t>(), contributions.mutable_data_ptr<acc_t>(),
-                      rows.mutable_data_ptr<int64_t>(), g, q_begin, chunk_queries, threads,
-                      value_rows);
+          with_location_type<scalar_t>(locations_c.scalar_type(), [&](auto* location_tag) {
+            using loc_t = std::remove_pointer_t<decltype(location_tag)>;
+            with_channels_per_thread<scalar_t>(cpt, [&](auto width) {
+              constexpr int kCPT = decltype(width)::value;
+              backward_kernel<scalar_t, loc_t, kCPT><<<blocks_for(total), kThreads, 0, stream>>>(
+                  grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
+                  shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+                  locations_c.const_data_ptr<loc_t>(), weights_c.const_data_ptr<loc_t>(),
+                  grad_value.mutable_data_ptr<acc_t>(), grad_locations.mutable_data_ptr<acc_t>(),
+                  grad_weights.mutable_data_ptr<acc_t>(), g, total, run_width, run_is_group,
+                  /*scatter=*/!deterministic,
+                  run_partials.defined() ? run_partials.mutable_data_ptr<acc_t>() : nullptr);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
-              const int64_t used = chunk_queries * corners_per_query;
-              grad_rows.index_add_(0, rows.narrow(0, 0, used), contributions.narrow(0, 0, used));
-            }
+              if (!deterministic) {
+                return;
+              }
+              const int64_t corners_per_query = g.batch * g.heads * g.levels * g.points * 4;
+              const int64_t bytes_per_query =
+                  corners_per_query *
+                  (g.channels * static_cast<int64_t>(sizeof(acc_t)) + int64_t(sizeof(int64_t)));
+              const int64_t chunk = std::clamp<int64_t>(
+                  kDeterministicChunkBytes / std::max<int64_t>(bytes_per_query, 1), 1, g.queries);
+              at::Tensor contributions =
+                  at::empty({chunk * corners_per_query, g.channels}, acc_options);
+              at::Tensor rows =
+                  at::empty({chunk * corners_per_query}, value.options().dtype(at::kLong));
+              for (int64_t q_begin = 0; q_begin < g.queries; q_begin += chunk) {
+                const int64_t chunk_queries = std::min(chunk, g.queries - q_begin);
+                const int64_t threads = g.batch * chunk_queries * g.heads * groups;
+                corner_contributions_kernel<scalar_t, loc_t, kCPT>
+                    <<<blocks_for(threads), kThreads, 0, stream>>>(
+                        grad_output_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+                        starts.const_data_ptr<int64_t>(), locations_c.const_data_ptr<loc_t>(),
+                        weights_c.const_data_ptr<loc_t>(), contributions.mutable_data_ptr<acc_t>(),
+                        rows.mutable_data_ptr<int64_t>(), g, q_begin, chunk_queries, threads,
+                        value_rows);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+                const int64_t used = chunk_queries * corners_per_query;
+                grad_rows.index_add_(0, rows.narrow(0, 0, used), contributions.narrow(0, 0, used));
+              }
+            });
           });
         });
     if (run_partials.defined()) {
@@ -519,10 +541,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
       grad_locations.copy_(sums.narrow(1, 1, 2).reshape(sampling_locations.sizes()));
     }
   }
-  if (acc_dtype != dtype) {
-    return {grad_value.to(dtype), grad_locations.to(dtype), grad_weights.to(dtype)};
-  }
-  return {grad_value, grad_locations, grad_weights};
+  return {grad_value.to(dtype), grad_locations.to(sampling_locations.scalar_type()),
+          grad_weights.to(attention_weights.scalar_type())};
 }
 
 }  // namespace

@@ -1,0 +1,204 @@
+"""Mixed precision (``--amp``): the op and MSDeformAttn under autocast, the model's forward and
+training step in bfloat16 and float16 (with the loss scaler), the scaler's checkpoint state, and
+``--amp none`` being the float32 computation itself."""
+import copy
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ops
+from engine import AMP_DTYPES, forward, train_step
+from models import build_model
+from models.ms_deform_attn import MSDeformAttn
+from ops import _extension, core
+from util.checkpoint import load_checkpoint, restore_training_state
+from util.misc import nested_tensor_from_tensor_list
+
+from helpers import REPO, SMALL_MODEL, parse, subprocess_env
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])]
+BACKENDS = [pytest.param("compiled", marks=pytest.mark.skipif(_extension.unavailable_reason("cpu") is not None,
+                                                              reason="ops._C is not built")),
+            "pytorch"]
+
+
+def attention_inputs(device: str, seed: int = 0):
+    """An MSDeformAttn of 2 levels and its inputs: (module, query, reference_points, values, shapes, starts)."""
+    torch.manual_seed(seed)
+    module = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3).to(device)
+    with torch.no_grad():  # offsets and weights away from their symmetric initialisation
+        module.sampling_offsets.weight.normal_(0, 0.05)
+        module.attention_weights.weight.normal_(0, 0.2)
+    shapes = torch.tensor([[6, 8], [3, 4]], device=device)
+    sizes = shapes.prod(1)
+    starts = sizes.cumsum(0) - sizes
+    query = torch.randn(2, 7, 32, device=device)
+    reference_points = torch.rand(2, 7, 2, 2, device=device)
+    values = torch.randn(2, int(sizes.sum()), 32, device=device)
+    return module, query, reference_points, values, shapes, starts
+
+
+# ------------------------------------------------------------------------------------------
+# The op and the module under autocast
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_op_takes_half_values_with_float32_locations(device, backend, dtype, monkeypatch):
+    """value in half precision, locations and weights in float32: the output and grad_value in
+    value's dtype, the other gradients in float32, all near float32 on the same rounded values."""
+    monkeypatch.setenv(core.BACKEND_ENV, backend)
+    g = torch.Generator().manual_seed(1)
+    shapes = torch.tensor([[6, 8], [3, 4]])
+    starts = torch.tensor([0, 48])
+    value = torch.randn(2, 60, 2, 8, generator=g).to(device, dtype)
+    locations = torch.rand(2, 5, 2, 2, 3, 2, generator=g).to(device)
+    weights = torch.rand(2, 5, 2, 2, 3, generator=g).to(device)
+    grad_output = torch.randn(2, 5, 16, generator=g).to(device)
+
+    def run(v):
+        leaves = [t.detach().requires_grad_() for t in (v, locations, weights)]
+        out = ops.ms_deform_attn(leaves[0], shapes.to(device), starts.to(device), leaves[1], leaves[2])
+        grads = torch.autograd.grad(out, leaves, grad_output.to(out.dtype))
+        return [out, *grads]
+
+    got = run(value)
+    want = run(value.float())
+    for name, a, b, expected_dtype in zip(("output", "grad_value", "grad_locations", "grad_weights"), got, want,
+                                          (dtype, dtype, torch.float32, torch.float32)):
+        assert a.dtype == expected_dtype, name
+        torch.testing.assert_close(a.float(), b, rtol=2e-2, atol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_msdeformattn_under_autocast(device, dtype):
+    module, query, reference_points, values, shapes, starts = attention_inputs(device)
+    want = module(query, reference_points, values, shapes, starts)
+    with torch.autocast(device, dtype=dtype):
+        got = module(query, reference_points, values, shapes, starts)
+        locations, weights = module.sampling_locations_and_weights(query, reference_points, shapes)
+    assert got.dtype == dtype
+    assert locations.dtype == weights.dtype == torch.float32
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+    got.float().square().sum().backward()
+    for name in ("value_proj.weight", "sampling_offsets.weight", "attention_weights.weight", "output_proj.weight"):
+        grad = dict(module.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name  # value, locations and weights all get gradients
+
+
+def test_msdeformattn_compiles_under_autocast():
+    module, query, reference_points, values, shapes, starts = attention_inputs("cpu")
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=_extension.unavailable_reason("cpu") is None, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = module(query, reference_points, values, shapes, starts)
+        got = compiled(query, reference_points, values, shapes, starts)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+
+
+# ------------------------------------------------------------------------------------------
+# The model
+
+def tiny_batch():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, 64, 80, generator=g), torch.randn(3, 56, 64, generator=g)]
+    targets = [{"labels": torch.tensor([1, 5]), "boxes": torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.4]])},
+               {"labels": torch.tensor([3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]
+    return nested_tensor_from_tensor_list(images), targets
+
+
+@pytest.mark.parametrize("variant", [[], ["--with_box_refine", "--two_stage"]])
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_model_forward_and_training_step_in_mixed_precision(variant, amp):
+    args = parse(SMALL_MODEL + variant + ["--dropout", "0", "--num_queries", "20"])
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(args)
+    samples, targets = tiny_batch()
+    want = forward(model, samples)
+    got = forward(model, samples, AMP_DTYPES[amp])
+    assert got["pred_logits"].dtype == got["pred_boxes"].dtype == torch.float32
+    assert all(a["pred_logits"].dtype == torch.float32 for a in got["aux_outputs"])
+    if "--two_stage" not in variant:  # (two-stage ranks its proposals by half-precision logits: others may win)
+        torch.testing.assert_close(got["pred_boxes"], want["pred_boxes"], rtol=0, atol=0.02)
+        torch.testing.assert_close(got["pred_logits"], want["pred_logits"], rtol=0, atol=0.1)
+
+    reference = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu") if amp == "fp16" else None
+    values = train_step(model, criterion, samples, targets, optimizer, 0.1, AMP_DTYPES[amp], scaler)
+    fp32_values = train_step(reference, criterion, samples, targets, torch.optim.AdamW(reference.parameters(), lr=1e-4),
+                             0.1)
+    assert values["loss"] == pytest.approx(fp32_values["loss"], rel=0.05)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, dict(reference.named_parameters())[n])]
+    assert changed  # the step was taken (the two differ by the rounding of the forward)
+
+
+def test_float16_overflow_is_skipped_not_an_error():
+    args = parse(SMALL_MODEL + ["--dropout", "0"])
+    torch.manual_seed(0)
+    model, criterion, _ = build_model(args)
+    samples, targets = tiny_batch()
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # every gradient overflows
+    values = train_step(model, criterion, samples, targets, optimizer, 0.1, torch.float16, scaler)
+    assert "grad_norm" not in values and math.isfinite(values["loss"])  # a finite loss, a skipped step
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert scaler.get_scale() < 2.0**100  # the scale backed off
+
+
+def test_scaler_state_round_trips_through_a_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, 2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    for _ in range(4):  # grow and back off the scale
+        optimizer.zero_grad()
+        scaler.scale(model(torch.randn(4, 3)).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "lr_scheduler": schedule.state_dict(),
+                "epoch": 0, "scaler": scaler.state_dict()}, path)
+    checkpoint = torch.load(path, weights_only=True)
+    fresh = torch.amp.GradScaler("cpu")
+    restore_training_state(checkpoint, optimizer, schedule, fresh)
+    assert fresh.state_dict() == scaler.state_dict()
+
+
+def test_amp_none_is_the_float32_computation():
+    """Without --amp the model runs as before: forward() is model(samples), and MSDeformAttn's
+    float32 arithmetic is the plain formula, bit for bit."""
+    module, query, reference_points, values, shapes, starts = attention_inputs("cpu")
+    locations, weights = module.sampling_locations_and_weights(query, reference_points, shapes)
+    offsets = module.sampling_offsets(query).view(2, 7, 4, 2, 3, 2)
+    normalizer = torch.stack([shapes[:, 1], shapes[:, 0]], -1)
+    assert torch.equal(locations, reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :,
+                                                                                                     None, :])
+    logits = module.attention_weights(query).view(2, 7, 4, 6)
+    assert torch.equal(weights, torch.nn.functional.softmax(logits, -1).view(2, 7, 4, 2, 3))
+    args = parse(SMALL_MODEL)
+    torch.manual_seed(0)
+    model, _, _ = build_model(args)
+    model.eval()
+    samples, _ = tiny_batch()
+    a, b = forward(model, samples, AMP_DTYPES["none"]), model(samples)
+    assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])
+
+
+@pytest.mark.slow
+def test_main_saves_the_scaler_with_fp16_only(tiny_coco_root, tmp_path):
+    common = [*SMALL_MODEL, "--coco_path", str(tiny_coco_root), "--batch_size", "2", "--epochs", "1"]
+    for amp in ("fp16", "bf16"):
+        proc = subprocess.run([sys.executable, "main.py", *common, "--amp", amp, "--output_dir", str(tmp_path / amp)],
+                              cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    fp16 = load_checkpoint(tmp_path / "fp16" / "checkpoint.pth")
+    assert fp16["args"].amp == "fp16" and fp16["scaler"]["scale"] > 0
+    assert "scaler" not in load_checkpoint(tmp_path / "bf16" / "checkpoint.pth")
