@@ -297,9 +297,15 @@ class PostProcess(nn.Module):
             Per image ``scores (n,)``, ``labels (n,)`` and ``boxes (n, 4)`` in absolute
             ``(x0, y0, x1, y1)``, with ``n = min(num_select, Q * K)``, best first.
         """
-        out_logits, out_bbox = outputs["pred_logits"], outputs["pred_boxes"]
+        out_logits = outputs["pred_logits"]
         if len(out_logits) != len(target_sizes) or target_sizes.dim() != 2 or target_sizes.shape[1] != 2:
             raise ValueError(f"target_sizes must be ({len(out_logits)}, 2), got {tuple(target_sizes.shape)}")
+        scores, labels, boxes = self.batched(out_logits, outputs["pred_boxes"], target_sizes)
+        return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
+
+    def batched(self, out_logits: Tensor, out_bbox: Tensor, target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward`'s detections as ``(B, n)`` scores, ``(B, n)`` labels and ``(B, n, 4)``
+        boxes (for an exported graph, whose batch size may vary)."""
         num_classes = out_logits.shape[2]
         prob = out_logits.sigmoid().flatten(1)
         scores, topk_indexes = torch.topk(prob, min(self.num_select, prob.shape[1]), dim=1)
@@ -309,8 +315,7 @@ class PostProcess(nn.Module):
         boxes = torch.gather(boxes, 1, topk_boxes.unsqueeze(-1).expand(-1, -1, 4))
         img_h, img_w = target_sizes.unbind(1)
         scale_fct = torch.stack([img_w, img_h, img_w, img_h], dim=1)
-        boxes = boxes * scale_fct[:, None, :]
-        return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
+        return scores, labels, boxes * scale_fct[:, None, :]
 
 
 def build(args) -> tuple[DeformableDETR, SetCriterion, dict[str, nn.Module]]:

@@ -72,9 +72,11 @@ class DeformableTransformerEncoder(nn.Module):
         """
         points = []
         for level, (h, w) in enumerate(spatial_shapes):
+            # Pixel centres. The original's linspace(0.5, h - 0.5, h) gives the same float32 values;
+            # arange also keeps h and w symbolic when the model is exported with dynamic sizes.
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device),
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device), indexing="ij")
+                torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                torch.arange(w, dtype=torch.float32, device=device) + 0.5, indexing="ij")
             ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
             ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
             points.append(torch.stack((ref_x, ref_y), -1))
@@ -289,9 +291,10 @@ class DeformableTransformer(nn.Module):
             mask = memory_padding_mask[:, start:start + h * w].view(batch, h, w)
             valid_h = torch.sum(~mask[:, :, 0], 1)
             valid_w = torch.sum(~mask[:, 0, :], 1)
+            # linspace(0, h - 1, h) in the original: the same values (see get_reference_points)
             grid_y, grid_x = torch.meshgrid(
-                torch.linspace(0, h - 1, h, dtype=torch.float32, device=memory.device),
-                torch.linspace(0, w - 1, w, dtype=torch.float32, device=memory.device), indexing="ij")
+                torch.arange(h, dtype=torch.float32, device=memory.device),
+                torch.arange(w, dtype=torch.float32, device=memory.device), indexing="ij")
             grid = torch.cat([grid_x.unsqueeze(-1), grid_y.unsqueeze(-1)], -1)
             scale = torch.cat([valid_w.unsqueeze(-1), valid_h.unsqueeze(-1)], 1).view(batch, 1, 1, 2)
             grid = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale
@@ -344,7 +347,10 @@ class DeformableTransformer(nn.Module):
         src_flatten = torch.cat(src_flatten, 1)
         mask_flatten = torch.cat(mask_flatten, 1)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
-        spatial_shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.long, device=src_flatten.device)
+        # Element by element rather than torch.as_tensor(spatial_shapes_list): the same values, and
+        # an exported graph computes them from its input's size instead of keeping the traced ones.
+        spatial_shapes = torch.stack([torch.full((), size, dtype=torch.long, device=src_flatten.device)
+                                      for shape in spatial_shapes_list for size in shape]).view(-1, 2)
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)
 

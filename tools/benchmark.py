@@ -15,6 +15,8 @@ original's computation) beside the compiled op; every configuration is timed ``-
 passes per round, in turn, for ``--rounds`` rounds, and the median over the rounds is printed with
 the speed relative to the first configuration. The backbone starts from random weights
 (``--backbone_weights none``) unless given, since speed does not depend on them.
+``--onnx FILE`` adds a model exported by ``tools/export_onnx.py`` (for the same flags), run by ONNX
+Runtime on the CPU, to the configurations compared.
 ``--image_size`` defaults to 800x1333 (COCO evaluation size) on CUDA and to 320x480 on CPU.
 ``--device`` defaults to cuda where one is visible, else cpu.
 """
@@ -83,9 +85,18 @@ def benchmark(args: argparse.Namespace) -> dict[Config, float]:
     backends = ["compiled", "pytorch"] if args.compare_backends else [os.environ.get(BACKEND_ENV, "auto")]
     configs = [(batch, amp, backend) for batch in args.batch_sizes for amp in args.amp for backend in backends]
     inputs = {batch: nested_tensor_from_tensor_list([image] * batch) for batch in args.batch_sizes}
+    session = onnx_session(args.onnx) if args.onnx else None
+    if session is not None:
+        configs += [(batch, "none", "onnxruntime") for batch in args.batch_sizes]
 
     def run(config: Config, passes: int) -> float:
         batch, amp, backend = config
+        if backend == "onnxruntime":
+            feed = {"images": inputs[batch].tensors.cpu().numpy(), "mask": inputs[batch].mask.cpu().numpy()}
+            start = time.perf_counter()
+            for _ in range(passes):
+                session.run(None, feed)
+            return (time.perf_counter() - start) / max(passes, 1)
         with sampling_backend(backend):
             return seconds_per_batch(model, inputs[batch], passes, device, AMP_DTYPES[amp]) if passes else 0.0
 
@@ -98,6 +109,20 @@ def benchmark(args: argparse.Namespace) -> dict[Config, float]:
     return {config: config[0] / statistics.median(times) for config, times in seconds.items()}
 
 
+def onnx_session(path: str):
+    """An ONNX Runtime session (CPU) of a model exported by tools/export_onnx.py without
+    post-processing, for the same variant and flags as the PyTorch side."""
+    import onnxruntime
+
+    if not Path(path).is_file():
+        raise InputValueError(f"--onnx {path}: no such file")
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    if [i.name for i in session.get_inputs()] != ["images", "mask"]:
+        raise InputValueError(f"--onnx {path}: expected the inputs images and mask (an export without "
+                              f"--with_postprocess), got {[i.name for i in session.get_inputs()]}")
+    return session
+
+
 def get_parser() -> argparse.ArgumentParser:
     """main.py's flags plus the benchmark's own."""
     parser = cli_parser("Deformable DETR inference benchmark", redefines=True)
@@ -108,6 +133,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_size", default=None, type=int, nargs=2, metavar=("H", "W"),
                         help=f"input size (default {GPU_IMAGE_SIZE[0]} {GPU_IMAGE_SIZE[1]} on CUDA, "
                              f"{CPU_IMAGE_SIZE[0]} {CPU_IMAGE_SIZE[1]} on CPU)")
+    parser.add_argument("--onnx", default="", help="also time this exported model (tools/export_onnx.py, "
+                                                   "--dynamic or for --image_size) with ONNX Runtime")
     parser.add_argument("--compare_backends", action="store_true",
                         help="also time the pure-PyTorch sampling core (MSDA_BACKEND=pytorch) beside the compiled op")
     # Several modes here, side by side, where main.py takes one.

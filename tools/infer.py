@@ -5,6 +5,11 @@ Usage::
     python tools/infer.py --resume exps/run/checkpoint.pth IMAGE_OR_FOLDER [...]
         [--threshold 0.5] [--top_k 100] [--device cpu|cuda] [--out_dir detections]
         [--coco_path data/shapes | --class_names names.json] [--show_sampling_points]
+    python tools/infer.py --onnx model.onnx IMAGE_OR_FOLDER [...] [--val_scale 800 --max_size 1333] [...]
+
+With ``--onnx`` the model is a file written by ``tools/export_onnx.py``, run by ONNX Runtime, so
+neither this repository's model code nor the compiled op is needed; images are prepared exactly as
+for a checkpoint, with ``--val_scale`` and ``--max_size`` standing in for its training arguments.
 
 The model is rebuilt from the checkpoint's own training arguments (``checkpoint['args']``), so
 every variant (single/multi-scale, box refinement, two-stage) loads as trained, and each image is
@@ -39,6 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
@@ -63,7 +69,7 @@ PathLike = str | Path
 
 
 class Detection(NamedTuple):
-    query: int
+    query: int  # -1 where unknown (an ONNX graph that ends in the post-processing)
     label: int
     score: float
     box: tuple[float, float, float, float]  # x0, y0, x1, y1 in original-image pixels
@@ -227,6 +233,38 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection], names: 
     return canvas
 
 
+class OnnxDetector:
+    """A model exported by tools/export_onnx.py, run by ONNX Runtime on one image at a time."""
+
+    def __init__(self, path: PathLike):
+        import onnxruntime
+
+        if not Path(path).is_file():
+            raise InputFileNotFoundError(f"--onnx {path}: no such file")
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own error types for files it cannot take
+            raise InputValueError(f"--onnx {path} is not an ONNX model ONNX Runtime can run: {err}") from None
+        self.path = path
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.size = self.session.get_inputs()[0].shape[2:]  # ints when the graph is for one size
+
+    def detect(self, tensor: Tensor, orig_size: tuple[int, int], threshold: float, top_k: int) -> list[Detection]:
+        height, width = tensor.shape[-2:]
+        if all(isinstance(d, int) for d in self.size) and list(self.size) != [height, width]:
+            raise InputValueError(f"--onnx {self.path} is a graph for {self.size[0]}x{self.size[1]} images, but "
+                                  f"this one is {height}x{width} after resizing; export with --dynamic")
+        feed = {"images": tensor[None].numpy(), "mask": np.zeros((1, height, width), dtype=bool)}
+        if "orig_sizes" in self.inputs:  # exported with --with_postprocess
+            feed["orig_sizes"] = np.array([orig_size], dtype=np.int64)
+            scores, labels, boxes = (torch.from_numpy(a[0]) for a in self.session.run(None, feed))
+            keep = (scores > threshold).nonzero().flatten()[:top_k]
+            return [Detection(-1, int(labels[i]), float(scores[i]), tuple(float(v) for v in boxes[i])) for i in keep]
+        logits, boxes = self.session.run(None, feed)
+        return select_detections({"pred_logits": torch.from_numpy(logits), "pred_boxes": torch.from_numpy(boxes)},
+                                 orig_size, threshold, top_k)
+
+
 def infer_image(model: nn.Module, args: argparse.Namespace, path: Path, device: torch.device, threshold: float,
                 top_k: int, num_sampling_dets: int = 0,
                 amp: torch.dtype | None = None) -> tuple[Image.Image, list[Detection], list[tuple[Tensor, Tensor]]]:
@@ -242,6 +280,8 @@ def infer_image(model: nn.Module, args: argparse.Namespace, path: Path, device: 
     transform = make_coco_transforms("val", max_size=args.max_size, val_size=args.val_scale)
     tensor, _ = transform(image, None)
     orig_w, orig_h = image.size
+    if isinstance(model, OnnxDetector):
+        return image, model.detect(tensor, (orig_h, orig_w), threshold, top_k), []
     with SamplingRecorder(model.transformer.decoder.layers[-1].cross_attn) as recorder, torch.no_grad():
         outputs = forward(model, nested_tensor_from_tensor_list([tensor.to(device)]), amp)
     detections = select_detections(outputs, (orig_h, orig_w), threshold, top_k)
@@ -273,7 +313,14 @@ def main(argv: list[str] | None = None) -> int:
 def infer(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser("Deformable DETR inference on images")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
-    parser.add_argument("--resume", required=True, help="checkpoint written by main.py")
+    model_source = parser.add_mutually_exclusive_group(required=True)
+    model_source.add_argument("--resume", help="checkpoint written by main.py")
+    model_source.add_argument("--onnx", help="a model exported by tools/export_onnx.py, run with ONNX Runtime "
+                                             "(no model code or op needed; no --show_sampling_points)")
+    parser.add_argument("--val_scale", default=800, type=int,
+                        help="with --onnx: the evaluation short side the images are resized to")
+    parser.add_argument("--max_size", default=1333, type=int,
+                        help="with --onnx: the longest side after resizing")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--threshold", default=0.5, type=float, help="print and draw scores above this")
     parser.add_argument("--top_k", default=100, type=int, help="at most this many detections per image")
@@ -298,13 +345,18 @@ def infer(argv: list[str] | None = None) -> None:
         parser.error(f"--draw_scale must be positive, got {args.draw_scale}")
     if args.num_sampling_dets < 0:
         parser.error(f"--num_sampling_dets must be >= 0, got {args.num_sampling_dets}")
+    if args.onnx and args.show_sampling_points:
+        parser.error("--show_sampling_points needs the PyTorch model (--resume), not --onnx")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device} but no CUDA device is visible; pass --device cpu")
 
     names = class_names_from(args.coco_path, args.class_names)
     paths = image_paths(args.inputs)
-    model, train_args = load_model(args.resume, device)
+    if args.onnx:
+        model, train_args = OnnxDetector(args.onnx), args
+    else:
+        model, train_args = load_model(args.resume, device)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_sampling_dets = args.num_sampling_dets if args.show_sampling_points else 0
