@@ -4,6 +4,8 @@ validation. CUDA tests are marked ``cuda`` and skip without a GPU."""
 import contextlib
 import itertools
 import math
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -326,6 +328,9 @@ class TestKernel:
         # Channel groups of 5 and 128 threads: several runs of lanes per group on CUDA.
         (7, 2, 5, torch.float64),
         (7, 1, 256, torch.float64),
+        # Groups of 33 threads straddle warps: their partial sums are stored, over two chunks of
+        # queries on CUDA.
+        (3000, 8, 33, torch.float64),
     ])
     def test_deterministic_mode(self, device, queries, heads, channels, dtype):
         """Under torch.use_deterministic_algorithms (the CPU kernel always is), repeated runs are
@@ -344,6 +349,64 @@ class TestKernel:
         tol = 1e-10 if dtype == torch.float64 else 1e-4
         for name, got, want in zip(names, first, expected):
             torch.testing.assert_close(got.cpu().double(), want, rtol=tol, atol=tol, msg=name)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_deterministic_mode_reduced_precision(self, device, dtype):
+        """Deterministic mode in half precision: bit-identical repeats, close to float32 on the
+        same rounded inputs."""
+        low = make_inputs(2, 30, 8, 32, [(12, 15), (6, 8), (3, 4), (2, 2)], 4, dtype=dtype, device=device)
+        as_float = tuple(t.float() if t.is_floating_point() else t for t in low)
+        grad_output = torch.randn(2, 30, 256, generator=torch.Generator().manual_seed(5)).to(dtype).float()
+        with deterministic_algorithms():
+            first = forward_and_grads(compiled_op, low, grad_output)
+            second = forward_and_grads(compiled_op, low, grad_output)
+            want = forward_and_grads(compiled_op, as_float, grad_output)
+        for name, a, b, c in zip(("output", "grad_value", "grad_locations", "grad_weights"), first, second, want):
+            assert torch.equal(a, b), name
+            torch.testing.assert_close(a.float(), c, rtol=2e-2, atol=2e-2, msg=name)
+
+    @pytest.mark.parametrize("deterministic", [False, True])
+    @pytest.mark.parametrize("batch, shapes", [(0, [(4, 5), (2, 2)]), (2, [])], ids=["batch_0", "no_tokens"])
+    def test_empty_inputs(self, device, deterministic, batch, shapes):
+        """Batch 0, or S = 0 (no levels): an empty sum, so zeros of the right shapes."""
+        inputs = make_inputs(batch, 3, 2, 4, shapes, 2, device=device)
+        grad_output = torch.randn(batch, 3, 8, dtype=torch.float64)
+        context = deterministic_algorithms() if deterministic else contextlib.nullcontext()
+        with context:
+            results = forward_and_grads(compiled_op, inputs, grad_output)
+        for name, got, like in zip(("output", "grad_value", "grad_locations", "grad_weights"), results,
+                                   (grad_output, *inputs[0:1], *inputs[3:5])):
+            assert got.shape == like.shape, name
+            assert torch.equal(got.cpu(), torch.zeros_like(like)), name
+
+    def test_absurd_level_shapes_are_refused(self, device):
+        """A level of 2**40 x 2**40 tokens: H * W would overflow int64, and must not pass."""
+        value, spatial_shapes, level_start_index, locations, weights = make_inputs(1, 2, 1, 2, [(2, 2)], 1,
+                                                                                   device=device)
+        huge = torch.tensor([[2 ** 40, 2 ** 40]])
+        with pytest.raises(ValueError, match="does not fit"):
+            compiled_op(value, huge, level_start_index.cpu(), locations, weights)
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_metadata_on_the_gpu_is_checked_on_the_gpu():
+    """Inconsistent level metadata on the GPU stops the kernel with a device-side assertion that
+    names the problem (a CUDA error is fatal to the process, so the call runs in a child)."""
+    kernel_device("cuda")
+    script = (
+        "import torch, ops\n"
+        "shapes = torch.tensor([[4, 5], [2, 2]], device='cuda')\n"
+        "starts = torch.tensor([0, 21], device='cuda')\n"
+        "value = torch.randn(1, 24, 2, 4, device='cuda')\n"
+        "locations = torch.rand(1, 3, 2, 2, 2, 2, device='cuda')\n"
+        "weights = torch.rand(1, 3, 2, 2, 2, device='cuda')\n"
+        "torch.ops.deformable_detr.ms_deform_attn(value, shapes, starts, locations, weights)\n"
+        "torch.cuda.synchronize()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=OPS_DIR.parent)
+    assert result.returncode != 0
+    assert "inconsistent level metadata at level 1" in result.stdout + result.stderr
 
 
 @needs_extension
@@ -488,11 +551,14 @@ class TestValidation:
         with pytest.raises(ValueError, match=message):
             ops.ms_deform_attn(*inputs)
 
-    @needs_extension
+    @pytest.mark.parametrize("device", DEVICES)
     @pytest.mark.parametrize("name,mutate,message", _bad_inputs() + _bad_values(),
                              ids=[c[0] for c in _bad_inputs() + _bad_values()])
-    def test_op_raises_value_error(self, name, mutate, message):
-        inputs = mutate(make_inputs(*CASES["basic"]))
+    def test_op_raises_value_error(self, device, name, mutate, message):
+        """On CUDA the level metadata stays on the CPU, where it is checked on the host."""
+        kernel_device(device)
+        value, spatial_shapes, level_start_index, locations, weights = mutate(make_inputs(*CASES["basic"]))
+        inputs = (value.to(device), spatial_shapes, level_start_index, locations.to(device), weights.to(device))
         with pytest.raises(ValueError, match=message):
             compiled_op(*inputs)
 

@@ -1,6 +1,8 @@
 // Operator schemas, input checks and the Python module of the extension ops._C.
 #include "ms_deform_attn.h"
 
+#include "sampling.h"
+
 #include <Python.h>
 #include <torch/library.h>
 
@@ -66,6 +68,29 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
     TORCH_CHECK_VALUE(meta->device() == value.device() || meta->device().is_cpu(),
                       "spatial_shapes and level_start_index must be on the CPU or on ",
                       value.device(), ", got ", meta->device());
+  }
+}
+
+void check_levels(const int64_t* shapes, const int64_t* starts, int64_t levels, int64_t spatial) {
+  const LevelsCheck check = check_level_metadata(shapes, starts, levels, spatial);
+  const int64_t l = check.level;
+  switch (check.error) {
+    case LevelsError::kNone:
+      return;
+    case LevelsError::kNotPositive:
+      TORCH_CHECK_VALUE(false, "spatial_shapes must be positive, level ", l, " is (",
+                        shapes[2 * l], ", ", shapes[2 * l + 1], ")");
+    case LevelsError::kStart:
+      TORCH_CHECK_VALUE(false, "level_start_index[", l, "] is ", starts[l],
+                        " but the levels before it hold ", check.tokens,
+                        " tokens (it must be the running sum of H * W)");
+    case LevelsError::kTooManyTokens:
+      TORCH_CHECK_VALUE(false, "value has S = ", spatial, " tokens but level ", l, " of spatial_shapes, (",
+                        shapes[2 * l], ", ", shapes[2 * l + 1], "), does not fit in the ",
+                        spatial - check.tokens, " tokens left after the levels before it");
+    case LevelsError::kTokenCount:
+      TORCH_CHECK_VALUE(false, "value has S = ", spatial, " tokens but spatial_shapes sums to ",
+                        check.tokens);
   }
 }
 

@@ -31,6 +31,10 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                   const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                   const at::Tensor& attention_weights);
 
+// Checks the level metadata's values on the host (see check_level_metadata); shapes and starts
+// point to levels * 2 and levels int64 values. Raises ValueError naming the offending level.
+void check_levels(const int64_t* shapes, const int64_t* starts, int64_t levels, int64_t spatial);
+
 // As check_inputs, plus grad_output against the forward output shape (B, Lq, heads * C).
 void check_backward_inputs(const at::Tensor& grad_output, const at::Tensor& value,
                            const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,

@@ -28,11 +28,50 @@ struct Corners {
 };
 
 // A level may be read only if it is non-empty and lies inside the S tokens of value; the
-// kernels skip any other level, so inconsistent metadata can never index out of bounds.
+// kernels skip any other level, so inconsistent metadata can never index out of bounds. The
+// size test divides instead of forming height * width, which can overflow for absurd shapes.
 C10_HOST_DEVICE inline bool level_in_bounds(int64_t height, int64_t width, int64_t start,
                                             int64_t spatial) {
   return height > 0 && width > 0 && start >= 0 && start <= spatial &&
-         height * width <= spatial - start;
+         height <= (spatial - start) / width;
+}
+
+// What is wrong with the level metadata, if anything: spatial_shapes (levels, 2) must be
+// positive, level_start_index the running sum of H * W, and the levels must hold exactly S
+// tokens. `level` is the first offending level (`levels` when only the total is wrong) and
+// `tokens` the number of tokens held by the levels before it.
+enum class LevelsError : int { kNone, kNotPositive, kStart, kTooManyTokens, kTokenCount };
+
+struct LevelsCheck {
+  LevelsError error;
+  int64_t level;
+  int64_t tokens;
+};
+
+// One pass over the levels, shared by the host check and the CUDA device check; never forms a
+// product or sum that could overflow.
+C10_HOST_DEVICE inline LevelsCheck check_level_metadata(const int64_t* shapes,
+                                                       const int64_t* starts, int64_t levels,
+                                                       int64_t spatial) {
+  int64_t tokens = 0;
+  for (int64_t l = 0; l < levels; ++l) {
+    const int64_t height = shapes[2 * l];
+    const int64_t width = shapes[2 * l + 1];
+    if (height <= 0 || width <= 0) {
+      return {LevelsError::kNotPositive, l, tokens};
+    }
+    if (starts[l] != tokens) {
+      return {LevelsError::kStart, l, tokens};
+    }
+    if (height > (spatial - tokens) / width) {
+      return {LevelsError::kTooManyTokens, l, tokens};
+    }
+    tokens += height * width;
+  }
+  if (tokens != spatial) {
+    return {LevelsError::kTokenCount, levels, tokens};
+  }
+  return {LevelsError::kNone, levels, tokens};
 }
 
 // Fills `corners` for the normalised location (x, y) on a level of size height x width whose

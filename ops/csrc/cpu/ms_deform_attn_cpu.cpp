@@ -99,22 +99,12 @@ Levels read_levels(const at::Tensor& spatial_shapes, const at::Tensor& level_sta
   out.height.resize(levels);
   out.width.resize(levels);
   out.start.resize(levels);
-  int64_t offset = 0;
+  check_levels(shapes_ptr, starts_ptr, levels, spatial);
   for (int64_t l = 0; l < levels; ++l) {
-    const int64_t height = shapes_ptr[2 * l];
-    const int64_t width = shapes_ptr[2 * l + 1];
-    TORCH_CHECK_VALUE(height > 0 && width > 0, "spatial_shapes must be positive, level ", l,
-                      " is (", height, ", ", width, ")");
-    TORCH_CHECK_VALUE(starts_ptr[l] == offset, "level_start_index[", l, "] is ", starts_ptr[l],
-                      " but the levels before it hold ", offset,
-                      " tokens (it must be the running sum of H * W)");
-    out.height[l] = height;
-    out.width[l] = width;
-    out.start[l] = offset;
-    offset += height * width;
+    out.height[l] = shapes_ptr[2 * l];
+    out.width[l] = shapes_ptr[2 * l + 1];
+    out.start[l] = starts_ptr[l];
   }
-  TORCH_CHECK_VALUE(offset == spatial, "value has S = ", spatial,
-                    " tokens but spatial_shapes sums to ", offset);
   return out;
 }
 

@@ -9,15 +9,19 @@
 // (loc_t), which keeps the sampling positions exact to float32.
 //
 // Backward scatters into grad_value with atomicAdd (vector atomics for float on sm_90). The
-// location and weight gradients are summed over the channel threads of a sample with warp
-// shuffles: over the whole group when it fits in an aligned run of lanes (then stored directly),
-// otherwise over the largest aligned run and added atomically.
+// location and weight gradients of a sample are summed over the channel threads of its
+// (batch, query, head) with warp shuffles before anything is written: over aligned runs of lanes
+// when the group size allows, otherwise over the warp-local segments of each group, so a group
+// leaves one sum per run or segment (stored directly when the group is one run, else added
+// atomically).
 //
-// Under torch.use_deterministic_algorithms(True) the backward does not scatter: a second kernel
-// lists, chunk by chunk of queries, every corner's grad_value row and contribution, and
-// index_add_, deterministic in that mode, sums them in a fixed order; a channel group that
-// spans several runs stores each run's location and weight partial sums, which are then summed
-// in a fixed order too.
+// Under torch.use_deterministic_algorithms(True) the backward runs chunk by chunk of queries and
+// does not scatter: a second kernel lists every corner's grad_value row and contribution, and
+// index_put_ with accumulation, deterministic in that mode, sums them in a fixed order; a group
+// that leaves several sums stores them as partials, which are then summed in a fixed order too.
+//
+// Level metadata is checked as on the CPU: on the host when it is there, and by a one-thread
+// kernel (a device-side assertion, no host synchronisation) when it is on the GPU.
 #include "../ms_deform_attn.h"
 #include "../sampling.h"
 
@@ -26,7 +30,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/Atomic.cuh>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/index_add.h>
+#include <ATen/ops/index_put.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -46,6 +50,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarpSize = 32;
+constexpr unsigned int kFullMask = 0xffffffffu;
 
 // Bytes moved by the widest vector load or store.
 constexpr int kMaxVectorBytes = 16;
@@ -200,16 +205,64 @@ __global__ void __launch_bounds__(kThreads)
   *reinterpret_cast<Pack<scalar_t, CPT>*>(output + t.bqh * g.channels + t.channel) = out;
 }
 
-// Sums x over aligned runs of `width` lanes (a power of two <= 32); lane 0 of each run gets the
-// total. Every lane of the warp must call it.
-template <typename acc_t>
-__device__ __forceinline__ acc_t run_sum(acc_t x, int width) {
-  for (int offset = width / 2; offset > 0; offset /= 2) {
-    x += __shfl_down_sync(0xffffffffu, x, offset, width);
+// How the channel threads of one (batch, query, head) sum their location and weight gradients:
+// `width` > 0 sums over aligned runs of that many lanes (a power of two <= 32 dividing the group
+// size, so runs never straddle a group or a warp); `width` == 0 sums over each group's
+// warp-local segments. `per_group` bounds the sums one group leaves (1: the group is one run).
+struct Reduction {
+  int width;
+  int64_t per_group;
+};
+
+Reduction reduction_for(int64_t groups) {
+  if (groups <= kWarpSize && (groups & (groups - 1)) == 0) {
+    return {static_cast<int>(groups), 1};
   }
-  return x;
+  if (groups % kWarpSize == 0) {
+    return {kWarpSize, groups / kWarpSize};
+  }
+  // A group of G consecutive lanes touches at most (G + 30) / 32 + 1 warps.
+  return {0, (groups + kWarpSize - 2) / kWarpSize + 1};
 }
 
+// Sums grad over aligned runs of `width` lanes; lane 0 of each run gets the total. Every lane of
+// the warp must call it.
+template <typename acc_t>
+__device__ __forceinline__ SampleGrad<acc_t> run_sum(SampleGrad<acc_t> grad, int width) {
+  for (int offset = width / 2; offset > 0; offset /= 2) {
+    grad.attn += __shfl_down_sync(kFullMask, grad.attn, offset, width);
+    grad.x += __shfl_down_sync(kFullMask, grad.x, offset, width);
+    grad.y += __shfl_down_sync(kFullMask, grad.y, offset, width);
+  }
+  return grad;
+}
+
+// Sums grad over the lanes of the warp that share `group` (groups are runs of consecutive
+// lanes): each lane gets the sum from itself to the end of its group's segment, so the first
+// lane of a segment gets the segment's total. Every lane of the warp must call it.
+template <typename acc_t>
+__device__ __forceinline__ SampleGrad<acc_t> segment_sum(SampleGrad<acc_t> grad, int64_t group) {
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
+  for (int offset = 1; offset < kWarpSize; offset *= 2) {
+    const int64_t other = __shfl_down_sync(kFullMask, group, offset);
+    const acc_t attn = __shfl_down_sync(kFullMask, grad.attn, offset);
+    const acc_t x = __shfl_down_sync(kFullMask, grad.x, offset);
+    const acc_t y = __shfl_down_sync(kFullMask, grad.y, offset);
+    // A lane past the warp's end would hand back this lane's own value.
+    if (lane + offset < kWarpSize && other == group) {
+      grad.attn += attn;
+      grad.x += x;
+      grad.y += y;
+    }
+  }
+  return grad;
+}
+
+// Backward over the queries [q_begin, q_begin + launch_queries). With grad_value null nothing is
+// scattered (deterministic mode). The location and weight sums go to grad_locations and
+// grad_weights directly when each group leaves one, else to `partials`, (B, launch_queries,
+// heads, levels, points, per_group, 3) for [attn, x, y] and zero-filled, when it is given, else
+// atomically.
 template <typename scalar_t, typename loc_t, int CPT>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
@@ -218,26 +271,31 @@ __global__ void __launch_bounds__(kThreads)
                     at::opmath_type<scalar_t>* __restrict__ grad_value,
                     at::opmath_type<scalar_t>* __restrict__ grad_locations,
                     at::opmath_type<scalar_t>* __restrict__ grad_weights, Geometry g,
-                    int64_t total, int run_width, bool run_is_group, bool scatter,
-                    at::opmath_type<scalar_t>* __restrict__ run_partials) {
+                    int64_t q_begin, int64_t launch_queries, int64_t total, Reduction reduction,
+                    at::opmath_type<scalar_t>* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   // Threads past the end stay to the end: they take part in the shuffles with zeros. Whole
   // channel groups are either all active or all inactive because total is a multiple of the
   // group size.
   const bool active = index < total;
-  const ThreadItem t = thread_item<CPT>(active ? index : 0, g, 0, g.queries);
+  const ThreadItem t = thread_item<CPT>(active ? index : 0, g, q_begin, launch_queries);
   const scalar_t* value_bh = value + t.slice + t.channel;
-  acc_t* grad_value_bh = scatter ? grad_value + t.slice + t.channel : nullptr;
-  const bool leader = (threadIdx.x % run_width) == 0;
-  const int64_t runs = g.channels / CPT / run_width;
-  const int64_t run = t.channel / CPT / run_width;
+  acc_t* grad_value_bh = grad_value != nullptr ? grad_value + t.slice + t.channel : nullptr;
+  const int64_t groups = g.channels / CPT;
+  const int64_t group = index / groups;
+  const int64_t rank = index % groups;
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
+  // The lane that writes a run's or segment's sum, and which of its group's sums it is.
+  const bool leader = reduction.width > 0 ? lane % reduction.width == 0 : (lane == 0 || rank == 0);
+  const int64_t part = reduction.width > 0 ? rank / reduction.width
+                                           : index / kWarpSize - (index - rank) / kWarpSize;
 
   acc_t grad_out[CPT];
   load_acc<CPT>(grad_output + t.bqh * g.channels + t.channel, active, grad_out);
   for_each_sample<acc_t>(
       g, shapes, starts, locations, t.bqh, active,
-      [&](int64_t sample, int64_t, int64_t height, int64_t width, bool hit,
+      [&](int64_t sample, int64_t s, int64_t height, int64_t width, bool hit,
           const Corners<acc_t>& corners) {
         SampleGrad<acc_t> grad = {acc_t(0), acc_t(0), acc_t(0)};
         if (hit) {
@@ -252,7 +310,7 @@ __global__ void __launch_bounds__(kThreads)
               for (int c = 0; c < CPT; ++c) {
                 d[k] += grad_out[c] * static_cast<acc_t>(v.v[c]);
               }
-              if (scatter) {
+              if (grad_value_bh != nullptr) {
                 atomic_add_scaled<CPT>(grad_value_bh + offset, attn * corners.weight[k],
                                        grad_out);
               }
@@ -260,18 +318,17 @@ __global__ void __launch_bounds__(kThreads)
           }
           grad = sample_grad(corners, d, attn, height, width);
         }
-        grad.attn = run_sum(grad.attn, run_width);
-        grad.x = run_sum(grad.x, run_width);
-        grad.y = run_sum(grad.y, run_width);
+        grad = reduction.width > 0 ? run_sum(grad, reduction.width) : segment_sum(grad, group);
         if (!(hit && leader)) {
           return;
         }
-        if (run_is_group) {
+        if (reduction.per_group == 1) {
           grad_weights[sample] = grad.attn;
           grad_locations[2 * sample] = grad.x;
           grad_locations[2 * sample + 1] = grad.y;
-        } else if (run_partials != nullptr) {
-          acc_t* partial = run_partials + (sample * runs + run) * 3;
+        } else if (partials != nullptr) {
+          const int64_t local_sample = t.item * g.levels * g.points + s;
+          acc_t* partial = partials + (local_sample * reduction.per_group + part) * 3;
           partial[0] = grad.attn;
           partial[1] = grad.x;
           partial[2] = grad.y;
@@ -286,8 +343,10 @@ __global__ void __launch_bounds__(kThreads)
 // Deterministic mode: for the queries [q_begin, q_begin + chunk_queries), lists what backward
 // would add into grad_value. Corner slot ((b * chunk_queries + q - q_begin) * heads + h) *
 // levels * points * 4 + (l * points + p) * 4 + k gets rows[slot], the row of grad_value viewed as
-// (B * S * heads, C) that corner k of sample (l, p) adds to (dummy_row when the corner lies
-// outside its level or the sample misses), and contributions[slot, :], the C values it adds.
+// (B * S * heads, C) that corner k of sample (l, p) adds to, and contributions[slot, :], the C
+// values it adds. A corner outside its level, or of a sample that misses, adds zeros to row
+// slot % value_rows: spread over all rows, such corners cost index_put_ nothing extra, where one
+// shared row would be summed serially.
 template <typename scalar_t, typename loc_t, int CPT>
 __global__ void __launch_bounds__(kThreads)
     corner_contributions_kernel(const scalar_t* __restrict__ grad_output,
@@ -297,7 +356,7 @@ __global__ void __launch_bounds__(kThreads)
                                 const loc_t* __restrict__ weights,
                                 at::opmath_type<scalar_t>* __restrict__ contributions,
                                 int64_t* __restrict__ rows, Geometry g, int64_t q_begin,
-                                int64_t chunk_queries, int64_t total, int64_t dummy_row) {
+                                int64_t chunk_queries, int64_t total, int64_t value_rows) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= total) {
@@ -323,14 +382,19 @@ __global__ void __launch_bounds__(kThreads)
             dst[c] = inside ? w * grad_out[c] : acc_t(0);
           }
           if (t.channel == 0) {
-            rows[slot] = inside ? (t.slice + corners.offset[k]) / g.channels : dummy_row;
+            rows[slot] = inside ? (t.slice + corners.offset[k]) / g.channels : slot % value_rows;
           }
         }
       });
 }
 
-// Bytes of corner contributions and rows listed per chunk in deterministic mode.
+// Bytes of scratch per chunk of queries in deterministic mode: corner contributions and rows,
+// index_put_'s sort of the rows, and the partial sums.
 constexpr int64_t kDeterministicChunkBytes = int64_t(256) << 20;
+
+// index_put_ with accumulation sorts the rows it is given: it keeps a linear index, the sorted
+// index and the permutation (three int64 per row) and CUB's scratch, budgeted at one more.
+constexpr int64_t kSortBytesPerRow = 4 * int64_t(sizeof(int64_t));
 
 // Channels per thread: the most (8, 4, 2 or 1) that fit one vector of kMaxVectorBytes, divide C,
 // and keep every pointer in `aligned` aligned for a vector of that many elements.
@@ -401,8 +465,46 @@ unsigned int blocks_for(int64_t total) {
   return static_cast<unsigned int>(blocks);
 }
 
-at::Tensor index_on(const at::Tensor& t, const at::Device& device) {
-  return t.to(device, at::kLong).contiguous();
+__global__ void check_levels_kernel(const int64_t* __restrict__ shapes,
+                                    const int64_t* __restrict__ starts, int64_t levels,
+                                    int64_t spatial) {
+  const LevelsCheck check = check_level_metadata(shapes, starts, levels, spatial);
+  if (check.error != LevelsError::kNone) {
+    printf(
+        "ms_deform_attn: inconsistent level metadata at level %lld: spatial_shapes must be "
+        "positive, level_start_index the running sum of H * W, and the levels must hold the "
+        "S = %lld tokens of value\n",
+        static_cast<long long>(check.level), static_cast<long long>(spatial));
+  }
+  CUDA_KERNEL_ASSERT(check.error == LevelsError::kNone);
+}
+
+// spatial_shapes and level_start_index as contiguous int64 tensors on value's device, checked
+// as the CPU kernel checks them: on the host (ValueError) when both are on the CPU, else by
+// check_levels_kernel on `stream`, whose failure is a device-side assertion.
+struct LevelTensors {
+  at::Tensor shapes;
+  at::Tensor starts;
+};
+
+LevelTensors level_metadata(const at::Tensor& spatial_shapes,
+                                                 const at::Tensor& level_start_index,
+                                                 const at::Tensor& value, cudaStream_t stream) {
+  const int64_t levels = spatial_shapes.size(0);
+  if (spatial_shapes.is_cpu() && level_start_index.is_cpu()) {
+    const at::Tensor shapes = spatial_shapes.to(at::kLong).contiguous();
+    const at::Tensor starts = level_start_index.to(at::kLong).contiguous();
+    check_levels(shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), levels,
+                 value.size(1));
+    return {shapes.to(value.device()), starts.to(value.device())};
+  }
+  at::Tensor shapes = spatial_shapes.to(value.device(), at::kLong).contiguous();
+  at::Tensor starts = level_start_index.to(value.device(), at::kLong).contiguous();
+  check_levels_kernel<<<1, 1, 0, stream>>>(shapes.const_data_ptr<int64_t>(),
+                                           starts.const_data_ptr<int64_t>(), levels,
+                                           value.size(1));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {shapes, starts};
 }
 
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -411,9 +513,11 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
                                        const at::Tensor& attention_weights) {
   check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const c10::cuda::CUDAGuard guard(value.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Geometry g = geometry_of(value, sampling_locations);
-  const at::Tensor shapes = index_on(spatial_shapes, value.device());
-  const at::Tensor starts = index_on(level_start_index, value.device());
+  const LevelTensors meta = level_metadata(spatial_shapes, level_start_index, value, stream);
+  const at::Tensor& shapes = meta.shapes;
+  const at::Tensor& starts = meta.starts;
   const at::Tensor value_c = value.contiguous();
   const at::Tensor locations_c = sampling_locations.contiguous();
   const at::Tensor weights_c = attention_weights.contiguous();
@@ -424,7 +528,6 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   if (total == 0) {
     return output.zero_();
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
         with_location_type<scalar_t>(locations_c.scalar_type(), [&](auto* location_tag) {
@@ -450,45 +553,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   check_backward_inputs(grad_output, value, spatial_shapes, level_start_index,
                         sampling_locations, attention_weights);
   const c10::cuda::CUDAGuard guard(value.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const Geometry g = geometry_of(value, sampling_locations);
-  const at::Tensor shapes = index_on(spatial_shapes, value.device());
-  const at::Tensor starts = index_on(level_start_index, value.device());
+  const LevelTensors meta = level_metadata(spatial_shapes, level_start_index, value, stream);
+  const at::Tensor& shapes = meta.shapes;
+  const at::Tensor& starts = meta.starts;
   const at::Tensor grad_output_c = grad_output.contiguous();
   const at::Tensor value_c = value.contiguous();
   const at::Tensor locations_c = sampling_locations.contiguous();
   const at::Tensor weights_c = attention_weights.contiguous();
   const at::ScalarType dtype = value.scalar_type();
-  const at::ScalarType acc_dtype = at::toOpMathType(dtype);
-  const auto acc_options = value.options().dtype(acc_dtype);
-  // In deterministic mode grad_value is row `row` of grad_rows, (B * S * heads + 1, C): the
-  // extra last row collects the corners that add nothing.
-  const int64_t value_rows = g.batch * g.spatial * g.heads;
-  at::Tensor grad_rows =
-      deterministic ? at::zeros({value_rows + 1, g.channels}, acc_options) : at::Tensor();
-  at::Tensor grad_value = deterministic ? grad_rows.narrow(0, 0, value_rows).view(value.sizes())
-                                        : at::zeros(value.sizes(), acc_options);
+  const auto acc_options = value.options().dtype(at::toOpMathType(dtype));
+  at::Tensor grad_value = at::zeros(value.sizes(), acc_options);
   at::Tensor grad_locations = at::zeros(sampling_locations.sizes(), acc_options);
   at::Tensor grad_weights = at::zeros(attention_weights.sizes(), acc_options);
+  // grad_value is in the list because the sm_90 vector atomics need it aligned like value.
   const int cpt = channels_per_thread(g.channels, static_cast<int64_t>(value.element_size()),
-                                      {value_c.const_data_ptr(), grad_output_c.const_data_ptr()});
+                                      {value_c.const_data_ptr(), grad_output_c.const_data_ptr(),
+                                       grad_value.const_data_ptr()});
   const int64_t groups = g.channels / cpt;
-  const int64_t total = g.batch * g.queries * g.heads * groups;
-  if (total > 0) {
-    // The largest power of two <= 32 dividing the group size: runs of that many lanes start at
-    // multiples of it, so they never straddle a group or a warp.
-    int run_width = 1;
-    while (run_width < kWarpSize && groups % (2 * run_width) == 0) {
-      run_width *= 2;
-    }
-    const bool run_is_group = run_width == groups;
-    // Deterministic mode with several runs per channel group: each run stores its partial sums,
-    // (sample, run, [attn, x, y]), and they are summed below in a fixed order.
-    at::Tensor run_partials;
-    if (deterministic && !run_is_group) {
-      run_partials = at::zeros({attention_weights.numel(), groups / run_width, 3}, acc_options);
-    }
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Reduction reduction = reduction_for(groups);
+  const int64_t threads_per_query = g.batch * g.heads * groups;
+  if (threads_per_query * g.queries > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, dtype, "ms_deform_attn_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;
@@ -496,50 +583,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
             using loc_t = std::remove_pointer_t<decltype(location_tag)>;
             with_channels_per_thread<scalar_t>(cpt, [&](auto width) {
               constexpr int kCPT = decltype(width)::value;
-              backward_kernel<scalar_t, loc_t, kCPT><<<blocks_for(total), kThreads, 0, stream>>>(
-                  grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(),
-                  shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-                  locations_c.const_data_ptr<loc_t>(), weights_c.const_data_ptr<loc_t>(),
-                  grad_value.mutable_data_ptr<acc_t>(), grad_locations.mutable_data_ptr<acc_t>(),
-                  grad_weights.mutable_data_ptr<acc_t>(), g, total, run_width, run_is_group,
-                  /*scatter=*/!deterministic,
-                  run_partials.defined() ? run_partials.mutable_data_ptr<acc_t>() : nullptr);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              const auto launch_backward = [&](int64_t q_begin, int64_t queries, acc_t* scatter,
+                                               acc_t* partials) {
+                const int64_t threads = threads_per_query * queries;
+                backward_kernel<scalar_t, loc_t, kCPT>
+                    <<<blocks_for(threads), kThreads, 0, stream>>>(
+                        grad_output_c.const_data_ptr<scalar_t>(),
+                        value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
+                        starts.const_data_ptr<int64_t>(), locations_c.const_data_ptr<loc_t>(),
+                        weights_c.const_data_ptr<loc_t>(), scatter,
+                        grad_locations.mutable_data_ptr<acc_t>(),
+                        grad_weights.mutable_data_ptr<acc_t>(), g, q_begin, queries, threads,
+                        reduction, partials);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              };
               if (!deterministic) {
+                launch_backward(0, g.queries, grad_value.mutable_data_ptr<acc_t>(), nullptr);
                 return;
               }
-              const int64_t corners_per_query = g.batch * g.heads * g.levels * g.points * 4;
+              const int64_t value_rows = g.batch * g.spatial * g.heads;
+              const int64_t samples_per_query = g.batch * g.heads * g.levels * g.points;
+              const int64_t corners_per_query = samples_per_query * 4;
+              const bool with_partials = reduction.per_group > 1;
+              const int64_t partials_per_query =
+                  with_partials ? samples_per_query * reduction.per_group * 3 : 0;
               const int64_t bytes_per_query =
                   corners_per_query *
-                  (g.channels * static_cast<int64_t>(sizeof(acc_t)) + int64_t(sizeof(int64_t)));
+                      (g.channels * static_cast<int64_t>(sizeof(acc_t)) +
+                       static_cast<int64_t>(sizeof(int64_t)) + kSortBytesPerRow) +
+                  partials_per_query * static_cast<int64_t>(sizeof(acc_t));
               const int64_t chunk = std::clamp<int64_t>(
                   kDeterministicChunkBytes / std::max<int64_t>(bytes_per_query, 1), 1, g.queries);
+              at::Tensor partials = at::empty({chunk * partials_per_query}, acc_options);
               at::Tensor contributions =
                   at::empty({chunk * corners_per_query, g.channels}, acc_options);
               at::Tensor rows =
                   at::empty({chunk * corners_per_query}, value.options().dtype(at::kLong));
+              at::Tensor grad_value_rows = grad_value.view({value_rows, g.channels});
               for (int64_t q_begin = 0; q_begin < g.queries; q_begin += chunk) {
-                const int64_t chunk_queries = std::min(chunk, g.queries - q_begin);
-                const int64_t threads = g.batch * chunk_queries * g.heads * groups;
+                const int64_t queries = std::min(chunk, g.queries - q_begin);
+                at::Tensor chunk_partials = partials.narrow(0, 0, queries * partials_per_query);
+                if (with_partials) {
+                  chunk_partials.zero_();
+                }
+                launch_backward(q_begin, queries, nullptr,
+                                with_partials ? chunk_partials.mutable_data_ptr<acc_t>() : nullptr);
+                if (with_partials) {
+                  const at::Tensor sums =
+                      chunk_partials
+                          .view({g.batch, queries, g.heads, g.levels, g.points,
+                                 reduction.per_group, 3})
+                          .sum(5);
+                  grad_weights.narrow(1, q_begin, queries).copy_(sums.select(5, 0));
+                  grad_locations.narrow(1, q_begin, queries).copy_(sums.narrow(5, 1, 2));
+                }
+                if (corners_per_query == 0 || value_rows == 0) {
+                  continue;
+                }
+                const int64_t threads = threads_per_query * queries;
                 corner_contributions_kernel<scalar_t, loc_t, kCPT>
                     <<<blocks_for(threads), kThreads, 0, stream>>>(
                         grad_output_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
                         starts.const_data_ptr<int64_t>(), locations_c.const_data_ptr<loc_t>(),
                         weights_c.const_data_ptr<loc_t>(), contributions.mutable_data_ptr<acc_t>(),
-                        rows.mutable_data_ptr<int64_t>(), g, q_begin, chunk_queries, threads,
+                        rows.mutable_data_ptr<int64_t>(), g, q_begin, queries, threads,
                         value_rows);
                 C10_CUDA_KERNEL_LAUNCH_CHECK();
-                const int64_t used = chunk_queries * corners_per_query;
-                grad_rows.index_add_(0, rows.narrow(0, 0, used), contributions.narrow(0, 0, used));
+                const int64_t used = queries * corners_per_query;
+                grad_value_rows.index_put_({rows.narrow(0, 0, used)},
+                                           contributions.narrow(0, 0, used),
+                                           /*accumulate=*/true);
               }
             });
           });
         });
-    if (run_partials.defined()) {
-      const at::Tensor sums = run_partials.sum(1);
-      grad_weights.copy_(sums.select(1, 0).reshape(attention_weights.sizes()));
-      grad_locations.copy_(sums.narrow(1, 1, 2).reshape(sampling_locations.sizes()));
-    }
   }
   return {grad_value.to(dtype), grad_locations.to(sampling_locations.scalar_type()),
           grad_weights.to(attention_weights.scalar_type())};
