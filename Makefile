@@ -1,13 +1,13 @@
 PYTHON ?= python3
-# Compile the CUDA kernel for A100 (8.0) and H100 (9.0), with PTX for newer GPUs, unless the
-# caller says otherwise; no GPU is needed to compile.
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
+# The CUDA architectures come from TORCH_CUDA_ARCH_LIST when it is set, else from ops/setup.py
+# (the visible GPUs, or with none every architecture in its DEFAULT_ARCH_LIST).
+GPU_CHECK_OUT ?= gpu_check
 
 # pip runs again only when a requirements file is newer than its stamp (`make install` after
 # changing the environment by hand: `rm -r build/stamps`).
 STAMPS := build/stamps
 
-.PHONY: install install-test build lint test test-fast demo
+.PHONY: install install-test build lint test test-fast demo gpu-check
 
 $(STAMPS)/runtime: requirements.txt
 	$(PYTHON) -m pip install -q -r requirements.txt
@@ -35,3 +35,8 @@ test-fast: build install-test
 
 demo: build
 	PYTHON=$(PYTHON) bash tools/run_demo.sh
+
+# Installs nothing from the registry (GPU machines may have their own torch): it builds the op for
+# the visible GPUs itself, and takes wheels for missing packages from GPU_CHECK_WHEELS.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(GPU_CHECK_WHEELS),--wheels $(GPU_CHECK_WHEELS))

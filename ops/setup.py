@@ -6,8 +6,9 @@ Run from anywhere; the extension is always placed next to this file::
 
 The CPU kernel is always built. The CUDA kernel is added when the CUDA toolkit is found
 (``CUDA_HOME``, ``CUDA_PATH``, ``/usr/local/cuda`` or ``nvcc`` on ``PATH``) and PyTorch was
-built with CUDA; no GPU is needed. The target architectures come from ``TORCH_CUDA_ARCH_LIST``
-(default ``8.0;9.0+PTX``). If the CUDA part fails to compile, the CPU-only extension is built
+built with CUDA; no GPU is needed. The target architectures come from ``TORCH_CUDA_ARCH_LIST``;
+when it is unset, the build is for the GPUs that are visible (fast), or, with none visible, for
+:data:`DEFAULT_ARCH_LIST`. If the CUDA part fails to compile, the CPU-only extension is built
 instead and the reason is printed. ``MSDA_WITH_CUDA=0`` skips the CUDA part.
 """
 import os
@@ -17,7 +18,11 @@ from pathlib import Path
 
 OPS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = OPS_DIR.parent
-DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# The GPUs people train and evaluate on that CUDA 13 supports: T4 (7.5), A100 (8.0), A10 and
+# RTX 30xx (8.6), L4 and RTX 40xx (8.9), H100/H200 (9.0), B200/B300 (10.0), RTX 50xx and
+# RTX PRO 6000 (12.0), with PTX for GPUs newer still. A binary for x.0 also runs on x.y (12.0 on
+# GB10's 12.1, 10.0 on 10.3); Jetson (8.7, 11.0) needs its own TORCH_CUDA_ARCH_LIST.
+DEFAULT_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0;10.0;12.0+PTX"
 
 
 def find_cuda_home() -> str | None:
@@ -35,9 +40,8 @@ def find_cuda_home() -> str | None:
 
 CUDA_HOME = find_cuda_home()
 if CUDA_HOME is not None:
-    # torch.utils.cpp_extension reads these when it is imported.
+    # torch.utils.cpp_extension reads it when it is imported.
     os.environ["CUDA_HOME"] = CUDA_HOME
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
 
 import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
@@ -48,7 +52,8 @@ CSRC = Path("ops") / "csrc"
 CPU_SOURCES = [str(CSRC / "ms_deform_attn.cpp"), str(CSRC / "cpu" / "ms_deform_attn_cpu.cpp")]
 CUDA_SOURCES = [str(CSRC / "cuda" / "ms_deform_attn_cuda.cu")]
 CXX_FLAGS = ["-O3"]
-NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+# --threads: nvcc compiles for the architectures in parallel.
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", f"--threads={os.cpu_count() or 1}"]
 LINK_FLAGS = []
 if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
     # at::parallel_for expands to `#pragma omp parallel` in our own sources: without -fopenmp
@@ -71,6 +76,17 @@ def cuda_extension():
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
         extra_link_args=LINK_FLAGS,
     )
+
+
+def cuda_arch_list() -> str:
+    """``TORCH_CUDA_ARCH_LIST`` if set, else the visible GPUs' compute capabilities, else
+    :data:`DEFAULT_ARCH_LIST`."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return ";".join(f"{major}.{minor}" for major, minor in sorted(capabilities))
+    return DEFAULT_ARCH_LIST
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -109,6 +125,7 @@ def main() -> None:
     os.chdir(REPO_ROOT)
     reason = cuda_unavailable_reason()
     if reason is None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
         print(f"ops/setup.py: building CPU and CUDA kernels (CUDA_HOME={CUDA_HOME}, "
               f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})")
         extension = cuda_extension()

@@ -297,6 +297,18 @@ def test_tiny_coco_is_deterministic(tmp_path, coco_root):
             assert (again / name).read_bytes() == (coco_root / name).read_bytes()
 
 
+def test_tiny_coco_fixed_size(tmp_path):
+    """size=(w, h) gives every image that size."""
+    wide = make_tiny_coco(tmp_path / "wide", num_train=3, num_val=1, size=(200, 120), seed=0)
+    for split in ("train", "val"):
+        for im in load_json(wide, split)["images"]:
+            assert (im["width"], im["height"]) == (200, 120)
+            with PIL.Image.open(wide / f"{split}2017" / im["file_name"]) as image:
+                assert image.size == (200, 120)
+    with pytest.raises(ValueError, match="at least"):
+        make_tiny_coco(tmp_path / "small", size=(200, 5))
+
+
 # ---------------------------------------------------------------- dataset
 
 def test_dataset_items(val_set, train_set, coco_root):

@@ -2,6 +2,7 @@
 independent references, autograd, torch.compile / torch.export, the dispatch rules and input
 validation. CUDA tests are marked ``cuda`` and skip without a GPU."""
 import contextlib
+import importlib.util
 import itertools
 import math
 import subprocess
@@ -578,3 +579,37 @@ class TestValidation:
         grad_output = torch.zeros(2, 7, 14, dtype=torch.float64)
         with pytest.raises(ValueError, match="grad_output"):
             torch.ops.deformable_detr.ms_deform_attn_backward(grad_output, *inputs)
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("ops_setup", OPS_DIR / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TestBuildArchitectures:
+    @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the choice made without a GPU")
+    def test_default_list_without_a_gpu(self, monkeypatch):
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+        setup = _setup_module()
+        assert setup.cuda_arch_list() == setup.DEFAULT_ARCH_LIST
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
+        assert setup.cuda_arch_list() == "8.6"
+
+    @pytest.mark.cuda
+    @needs_cuda
+    def test_visible_gpus_only(self, monkeypatch):
+        monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+        major, minor = torch.cuda.get_device_capability(0)
+        assert f"{major}.{minor}" in _setup_module().cuda_arch_list().split(";")
+
+    def test_default_list_is_offered_by_nvcc(self):
+        """Every architecture of the default list, and its PTX, is one the CUDA toolkit compiles for."""
+        setup = _setup_module()
+        if setup.CUDA_HOME is None:
+            pytest.skip("no CUDA toolkit")
+        listed = subprocess.run([str(Path(setup.CUDA_HOME) / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True,
+                                text=True, check=True).stdout.split()
+        for arch in setup.DEFAULT_ARCH_LIST.split(";"):
+            assert "compute_" + arch.removesuffix("+PTX").replace(".", "") in listed, arch

@@ -16,6 +16,9 @@ Usage::
 
 With several ``--dtypes`` every implementation runs in each of them, alternating within each
 repetition, and the compiled kernel's speed-up of each later dtype over the first is printed too.
+``--deterministic`` times everything under ``torch.use_deterministic_algorithms(True,
+warn_only=True)``: the CUDA kernel's deterministic backward; the pure-PyTorch core has none on
+CUDA (``grid_sample``'s backward), so it runs as usual beside it, with a warning.
 """
 import argparse
 import json
@@ -184,6 +187,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="under torch.use_deterministic_algorithms (see the module docstring)")
     parser.add_argument("--probe-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -199,11 +204,14 @@ def main() -> None:
     if reason is not None:
         sys.exit(f"cannot benchmark the compiled kernel: {reason}")
     torch.set_num_threads(args.threads)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     device = torch.device(args.device)
     dtypes = [getattr(torch, name) for name in dict.fromkeys(args.dtypes)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__}, {name}, {args.threads} threads, "
-          f"{', '.join(args.dtypes)}, {args.locations} locations; "
+          f"{', '.join(args.dtypes)}, {args.locations} locations"
+          f"{', deterministic algorithms' if args.deterministic else ''}; "
           f"{args.repeat} timed runs after {args.warmup} warm-up, implementations alternating; "
           f"median times and best total in ms, peak memory in MiB")
     print(f"{'case':<8} {'B':>2} {'impl':<9} {'dtype':<8} {'forward':>9} {'backward':>9} "

@@ -65,14 +65,17 @@ def _draw(draw: ImageDraw.ImageDraw, category: dict[str, Any], box: tuple[int, i
 
 def _make_split(split: str, num_images: int, out_dir: Path, rng: np.random.Generator,
                 min_size: int, max_size: int, max_objects: int, noise: int,
-                next_ann_id: int) -> tuple[dict[str, Any], int]:
+                next_ann_id: int, size: tuple[int, int] | None) -> tuple[dict[str, Any], int]:
     """Draw and save one split's images; returns its COCO json dict and the next free annotation id."""
     image_dir = out_dir / f"{split}2017"
     image_dir.mkdir(parents=True, exist_ok=True)
     images, annotations = [], []
     for k in range(num_images):
         image_id = FIRST_IMAGE_ID[split] + IMAGE_ID_STEP * k
-        width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+        if size is None:
+            width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+        else:
+            width, height = size
         background = int(rng.integers(90, 160))
         pixels = background + rng.integers(-noise, noise + 1, size=(height, width, 3))
         image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
@@ -115,12 +118,14 @@ def _make_split(split: str, num_images: int, out_dir: Path, rng: np.random.Gener
 
 
 def make_tiny_coco(out_dir: str | Path, num_train: int = 8, num_val: int = 4, min_size: int = 64,
-                   max_size: int = 160, max_objects: int = 3, noise: int = 10, seed: int = 0) -> Path:
+                   max_size: int = 160, max_objects: int = 3, noise: int = 10, seed: int = 0,
+                   size: tuple[int, int] | None = None) -> Path:
     """Write the dataset under ``out_dir`` (created if needed) and return ``out_dir`` as a Path.
 
     Args:
         num_train, num_val: images per split.
         min_size, max_size: image width and height are drawn from ``[min_size, max_size]``.
+        size: ``(width, height)`` of every image instead of drawn sizes.
         max_objects: at most this many non-crowd objects per image (fewer if they do not fit).
         noise: background pixels vary by up to this much around a per-image grey level.
         seed: seeds everything drawn.
@@ -129,6 +134,8 @@ def make_tiny_coco(out_dir: str | Path, num_train: int = 8, num_val: int = 4, mi
         raise ValueError(f"num_train ({num_train}) and num_val ({num_val}) must be >= 0")
     if not MIN_OBJECT_SIZE <= min_size <= max_size:
         raise ValueError(f"need {MIN_OBJECT_SIZE} <= min_size ({min_size}) <= max_size ({max_size})")
+    if size is not None and min(size) < MIN_OBJECT_SIZE:
+        raise ValueError(f"need a width and height of at least {MIN_OBJECT_SIZE}, got {size}")
     if max_objects < 1 or noise < 0:
         raise ValueError(f"need max_objects >= 1 (got {max_objects}) and noise >= 0 (got {noise})")
     out_dir = Path(out_dir)
@@ -137,7 +144,7 @@ def make_tiny_coco(out_dir: str | Path, num_train: int = 8, num_val: int = 4, mi
     next_ann_id = 1
     for split, num_images in (("train", num_train), ("val", num_val)):
         dataset, next_ann_id = _make_split(split, num_images, out_dir, rng, min_size, max_size,
-                                           max_objects, noise, next_ann_id)
+                                           max_objects, noise, next_ann_id, size)
         with open(out_dir / "annotations" / f"instances_{split}2017.json", "w") as f:
             json.dump(dataset, f)
     return out_dir
@@ -148,7 +155,8 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path, help="directory to write (used as --coco_path)")
     parser.add_argument("--num_train", type=int, default=8)
     parser.add_argument("--num_val", type=int, default=4)
-    parser.add_argument("--size", type=int, default=None, help="square images of this size "
+    parser.add_argument("--size", type=int, nargs="+", default=None, metavar="SIZE",
+                        help="images of this size: one number for squares, or WIDTH HEIGHT "
                         "(overrides --min_size and --max_size)")
     parser.add_argument("--min_size", type=int, default=64)
     parser.add_argument("--max_size", type=int, default=160)
@@ -156,9 +164,13 @@ def main() -> None:
     parser.add_argument("--noise", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    min_size, max_size = (args.size, args.size) if args.size is not None else (args.min_size, args.max_size)
-    out_dir = make_tiny_coco(args.out_dir, args.num_train, args.num_val, min_size, max_size,
-                             args.max_objects, args.noise, args.seed)
+    size = None
+    if args.size is not None:
+        if len(args.size) > 2:
+            parser.error(f"--size takes one number or WIDTH HEIGHT, got {len(args.size)} numbers")
+        size = (args.size[0], args.size[-1])
+    out_dir = make_tiny_coco(args.out_dir, args.num_train, args.num_val, args.min_size, args.max_size,
+                             args.max_objects, args.noise, args.seed, size)
     print(f"wrote {args.num_train} train and {args.num_val} val images to {out_dir}")
 
 

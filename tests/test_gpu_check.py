@@ -1,0 +1,80 @@
+"""tools/gpu_check.py where no GPU is needed: arguments, the report, and the skip messages (the GPU
+parts themselves run only on a CUDA machine, with ``make gpu-check``)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tools import gpu_check
+
+from helpers import REPO
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/gpu_check.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_without_a_gpu_every_gpu_part_is_skipped_and_the_report_says_so(tmp_path):
+    result = run_check("--out", str(tmp_path / "report"))
+    assert result.returncode == gpu_check.NO_GPU_EXIT, result.stderr
+    report = (tmp_path / "report" / "report.txt").read_text()
+    assert report == result.stdout
+    assert f"torch {torch.__version__}" in report
+    for part in gpu_check.PARTS:
+        assert f"=== {part.name} ===" in report
+        status = "PASS" if part.name == "environment" else "SKIP"
+        assert any(line.split() == [part.name, status] for line in report.splitlines()), part.name
+    assert report.count("SKIP: no CUDA GPU is visible") == len(gpu_check.PARTS) - 1
+    assert "nothing GPU-specific was checked" in report
+
+
+def test_parts_can_be_chosen(tmp_path):
+    result = run_check("--out", str(tmp_path), "--parts", "environment")
+    report = (tmp_path / "report.txt").read_text()
+    assert "=== environment ===" in report and "=== build ===" not in report
+    assert result.returncode == gpu_check.NO_GPU_EXIT
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--parts", "benchmarks"], "invalid choice: 'benchmarks'"),
+    (["--wheels", "no/such/wheels"], "--wheels no/such/wheels: no such folder"),
+])
+def test_bad_arguments_are_named(tmp_path, args, message):
+    result = run_check("--out", str(tmp_path / "out"), *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_part_whose_packages_are_missing_is_skipped_naming_them(tmp_path):
+    part = gpu_check.Part("probe", False, ("numpy", "no_such_package_xyz"), 10, lambda args, work: [])
+    report = gpu_check.Report(tmp_path / "report.txt")
+    assert gpu_check.run_part(part, None, tmp_path, report, gpu=True) == "SKIP"
+    assert "SKIP: needs no_such_package_xyz, not installed" in (tmp_path / "report.txt").read_text()
+
+
+def test_a_failing_command_fails_its_part_and_keeps_its_output(tmp_path):
+    def commands(args, work):
+        return [[sys.executable, "-c", "print('first')"],
+                [sys.executable, "-c", "import sys; print('went wrong'); sys.exit(4)"],
+                [sys.executable, "-c", "print('never')"]]
+
+    report = gpu_check.Report(tmp_path / "report.txt")
+    status = gpu_check.run_part(gpu_check.Part("probe", False, (), 60, commands), None, tmp_path, report, gpu=True)
+    text = (tmp_path / "report.txt").read_text()
+    assert status == "FAIL"
+    assert "first" in text and "went wrong" in text and "[exit 4," in text and "never" not in text
+
+
+def test_a_part_over_its_time_limit_fails(tmp_path):
+    def commands(args, work):
+        return [[sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"]]
+
+    report = gpu_check.Report(tmp_path / "report.txt")
+    status = gpu_check.run_part(gpu_check.Part("probe", False, (), 2, commands), None, tmp_path, report, gpu=True)
+    text = (tmp_path / "report.txt").read_text()
+    assert status == "FAIL" and "over the part's 2 s limit" in text and "started" in text
