@@ -111,7 +111,9 @@ def _distributed(args: argparse.Namespace, work: Path) -> list[list[str]]:
     gpus = max(torch.cuda.device_count(), 1)
     out = work / "distributed"
     return [_data(work, 320, 256, 4 * gpus),
-            ["bash", "tools/run_dist_launch.sh", str(gpus), sys.executable, "main.py",
+            # PYTHON: the launcher's torchrun runs with this interpreter (there may be no `python`).
+            ["env", f"PYTHON={sys.executable}", "bash", "tools/run_dist_launch.sh", str(gpus), sys.executable,
+             "main.py",
              "--coco_path", str(work / "coco_320x256"), "--output_dir", str(out), "--backbone_weights", "none",
              "--epochs", "1", "--batch_size", "2", "--num_workers", "2", "--train_scales", "256",
              "--val_scale", "256", "--max_size", "320", "--num_classes", "8"]]
