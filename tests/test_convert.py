@@ -70,6 +70,16 @@ def assert_same_detections(ours, theirs, samples) -> None:
         torch.testing.assert_close(a["boxes"], b["boxes"], rtol=0, atol=1e-2)  # pixels
 
 
+def convert(capsys, *argv: str) -> str:
+    """The converter's main() in this process (a subprocess costs an import of torch and
+    transformers per call); returns what it printed."""
+    capsys.readouterr()
+    status = convert_checkpoint.main(list(argv))
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    return printed.out
+
+
 def run_tool(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "tools/convert_checkpoint.py", *argv], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
@@ -77,12 +87,11 @@ def run_tool(*argv: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(HF_VARIANTS))
-def test_from_transformers(variant, tmp_path):
+def test_from_transformers(variant, tmp_path, capsys):
     theirs = hf_model(variant)
     theirs.save_pretrained(tmp_path / "hf")
-    proc = run_tool("--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "converted.pth"))
-    assert proc.returncode == 0, proc.stderr
-    assert f"built by configs/{variant}.sh, e.g." in proc.stdout
+    printed = convert(capsys, "--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "converted.pth"))
+    assert f"built by configs/{variant}.sh, e.g." in printed
     checkpoint = load_checkpoint(tmp_path / "converted.pth")
     args = parse(VARIANT_FLAGS[variant] + ["--backbone_weights", "none"])
     # what --resume/--eval and --finetune check: the saved flags, then every key both ways
@@ -95,7 +104,7 @@ def test_from_transformers(variant, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(HF_VARIANTS))
-def test_to_transformers(variant, tmp_path):
+def test_to_transformers(variant, tmp_path, capsys):
     args = parse(VARIANT_FLAGS[variant] + ["--backbone_weights", "none"])
     torch.manual_seed(1)
     ours, _, _ = build_model(args)
@@ -103,8 +112,7 @@ def test_to_transformers(variant, tmp_path):
         for parameter in ours.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.01)
     torch.save({"model": ours.state_dict(), "args": args, "epoch": 3}, tmp_path / "ours.pth")
-    proc = run_tool("--to_hf", str(tmp_path / "ours.pth"), "--out", str(tmp_path / "hf"))
-    assert proc.returncode == 0, proc.stderr
+    convert(capsys, "--to_hf", str(tmp_path / "ours.pth"), "--out", str(tmp_path / "hf"))
     theirs = transformers.DeformableDetrForObjectDetection.from_pretrained(tmp_path / "hf").eval()
     assert theirs.config.with_box_refine == args.with_box_refine and theirs.config.two_stage == args.two_stage
     assert_same_detections(ours, theirs, batch())
