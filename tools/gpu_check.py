@@ -189,8 +189,9 @@ def run_part(part: Part, args: argparse.Namespace, work: Path, report: Report, g
         try:
             result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(left, 1))
         except subprocess.TimeoutExpired as exc:
-            output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout
-            report.write((output or "")[-4000:] + f"\nFAIL: over the part's {part.timeout_s} s limit\n")
+            # TimeoutExpired carries the output so far as bytes, even with text=True.
+            output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            report.write(output[-4000:] + f"\nFAIL: over the part's {part.timeout_s} s limit\n")
             return "FAIL"
         output = (result.stdout + result.stderr).rstrip()
         # Long logs (a build, a training run) are cut to their end, where the result is.

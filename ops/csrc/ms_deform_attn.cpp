@@ -85,9 +85,10 @@ void check_levels(const int64_t* shapes, const int64_t* starts, int64_t levels, 
                         " but the levels before it hold ", check.tokens,
                         " tokens (it must be the running sum of H * W)");
     case LevelsError::kTooManyTokens:
-      TORCH_CHECK_VALUE(false, "value has S = ", spatial, " tokens but level ", l, " of spatial_shapes, (",
-                        shapes[2 * l], ", ", shapes[2 * l + 1], "), does not fit in the ",
-                        spatial - check.tokens, " tokens left after the levels before it");
+      TORCH_CHECK_VALUE(false, "value has S = ", spatial, " tokens but level ", l,
+                        " of spatial_shapes, (", shapes[2 * l], ", ", shapes[2 * l + 1],
+                        "), does not fit in the ", spatial - check.tokens,
+                        " tokens left after the levels before it");
     case LevelsError::kTokenCount:
       TORCH_CHECK_VALUE(false, "value has S = ", spatial, " tokens but spatial_shapes sums to ",
                         check.tokens);

@@ -392,8 +392,8 @@ __global__ void __launch_bounds__(kThreads)
 // index_put_'s sort of the rows, and the partial sums.
 constexpr int64_t kDeterministicChunkBytes = int64_t(256) << 20;
 
-// index_put_ with accumulation sorts the rows it is given: it keeps a linear index, the sorted
-// index and the permutation (three int64 per row) and CUB's scratch, budgeted at one more.
+// index_put_ with accumulation sorts the rows it is given; its index copies and sort scratch are
+// budgeted at four int64 per row (an estimate, not measured on a GPU yet).
 constexpr int64_t kSortBytesPerRow = 4 * int64_t(sizeof(int64_t));
 
 // Channels per thread: the most (8, 4, 2 or 1) that fit one vector of kMaxVectorBytes, divide C,
@@ -487,9 +487,8 @@ struct LevelTensors {
   at::Tensor starts;
 };
 
-LevelTensors level_metadata(const at::Tensor& spatial_shapes,
-                                                 const at::Tensor& level_start_index,
-                                                 const at::Tensor& value, cudaStream_t stream) {
+LevelTensors level_metadata(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                            const at::Tensor& value, cudaStream_t stream) {
   const int64_t levels = spatial_shapes.size(0);
   if (spatial_shapes.is_cpu() && level_start_index.is_cpu()) {
     const at::Tensor shapes = spatial_shapes.to(at::kLong).contiguous();
