@@ -1,8 +1,14 @@
 """Constants and helpers shared by the tests: a tiny model configuration, main.py's parser, the
-variants' flags (read from configs/), and a clean environment for child processes."""
+variants' flags (read from configs/), main.py run in this process, and a clean environment for
+child processes."""
 import argparse
+import contextlib
+import io
 import os
 import socket
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from util.flags import VARIANTS, config_flags, get_args_parser
@@ -47,3 +53,21 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
+
+
+def run_main(argv: Sequence[str], in_process: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python main.py ARGV`` as a finished process: exit status, stdout and stderr.
+
+    By default ``main.main(argv)`` runs in this process with both streams captured, which spares
+    the seconds a new interpreter spends importing torch and torchvision; an exception main.py
+    would not catch propagates into the test. ``in_process=False`` starts a real ``main.py``.
+    """
+    if not in_process:
+        return subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=timeout)
+    import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main.main(list(argv))
+    return subprocess.CompletedProcess(["main.py", *argv], status, out.getvalue(), err.getvalue())

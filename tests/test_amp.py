@@ -3,8 +3,6 @@ training step in bfloat16 and float16 (with the loss scaler), the scaler's check
 ``--amp none`` being the float32 computation itself."""
 import copy
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from ops import _extension, core
 from util.checkpoint import load_checkpoint, restore_training_state
 from util.misc import nested_tensor_from_tensor_list
 
-from helpers import REPO, SMALL_MODEL, parse, subprocess_env
+from helpers import SMALL_MODEL, parse, run_main
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])]
@@ -196,8 +194,7 @@ def test_amp_none_is_the_float32_computation():
 def test_main_saves_the_scaler_with_fp16_only(tiny_coco_root, tmp_path):
     common = [*SMALL_MODEL, "--coco_path", str(tiny_coco_root), "--batch_size", "2", "--epochs", "1"]
     for amp in ("fp16", "bf16"):
-        proc = subprocess.run([sys.executable, "main.py", *common, "--amp", amp, "--output_dir", str(tmp_path / amp)],
-                              cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        proc = run_main([*common, "--amp", amp, "--output_dir", str(tmp_path / amp)])
         assert proc.returncode == 0, proc.stderr[-3000:]
     fp16 = load_checkpoint(tmp_path / "fp16" / "checkpoint.pth")
     assert fp16["args"].amp == "fp16" and fp16["scaler"]["scale"] > 0

@@ -17,16 +17,12 @@ from datasets.coco import BadImageError, load_coco_annotations
 from models import build_model
 from util.checkpoint import append_line_on_main, load_checkpoint, save_on_main, trim_log_on_main
 
-from helpers import REPO, SMALL_MODEL, free_port, parse, subprocess_env
+from helpers import REPO, SMALL_MODEL, free_port, parse, run_main, subprocess_env
 
 
 def argv(coco: Path, output_dir: Path, *extra: str) -> list[str]:
     return [*SMALL_MODEL, "--coco_path", str(coco), "--batch_size", "2", "--output_dir", str(output_dir), *extra]
 
-
-def run_main(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def snapshot(folder: Path) -> dict:

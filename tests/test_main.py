@@ -7,7 +7,6 @@ import pickle
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ from util.checkpoint import load_checkpoint, load_weights
 from util.errors import ParameterError
 from util.optim import build_param_groups
 
-from helpers import REPO, SMALL_MODEL, parse, subprocess_env
+import helpers
+from helpers import SMALL_MODEL, parse
 
 EXPECTED_LOG_KEYS = {"train_lr", "train_class_error", "train_grad_norm", "train_loss", "train_loss_ce",
                      "train_loss_bbox", "train_loss_giou", "train_loss_ce_0", "train_loss_ce_unscaled",
@@ -30,8 +30,7 @@ EXPECTED_LOG_KEYS = {"train_lr", "train_class_error", "train_grad_norm", "train_
 
 
 def run_main(argv: list[str], expect_rc: int = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = helpers.run_main(argv)
     assert proc.returncode == expect_rc, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 

@@ -5,8 +5,6 @@ left out of COCO evaluation, not counted twice."""
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -22,12 +20,7 @@ from models import build_model
 from util.checkpoint import load_checkpoint
 from util.flags import VARIANTS
 
-from helpers import REPO, SMALL_MODEL, VARIANT_FLAGS, parse, subprocess_env
-
-
-def run_main(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=timeout)
+from helpers import SMALL_MODEL, VARIANT_FLAGS, parse, run_main
 
 
 def train_argv(coco: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -178,7 +171,9 @@ def test_library_parameter_errors_name_the_flag(tiny_coco_root, tmp_path):
 
 
 def test_debug_shows_the_traceback(tiny_coco_root, tmp_path):
-    proc = run_main(train_argv(tiny_coco_root, tmp_path / "out", "--resume", str(tmp_path), "--debug"))
+    # a real main.py process: its exit status and streams, not main()'s return value
+    proc = run_main(train_argv(tiny_coco_root, tmp_path / "out", "--resume", str(tmp_path), "--debug"),
+                    in_process=False)
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("error: checkpoint")
 
