@@ -10,7 +10,13 @@ built with CUDA; no GPU is needed. The target architectures come from ``TORCH_CU
 when it is unset, the build is for the GPUs that are visible (fast), or, with none visible, for
 :data:`DEFAULT_ARCH_LIST`. If the CUDA part fails to compile, the CPU-only extension is built
 instead and the reason is printed. ``MSDA_WITH_CUDA=0`` skips the CUDA part.
+
+What the extension was built with is recorded beside it (:data:`BUILD_RECORD`). An up-to-date
+extension is kept when it has everything asked for (a CUDA build also serves a CPU-only request,
+and a build for more architectures one for fewer); otherwise it is rebuilt, so that a CPU-only
+build (``make demo``) does not stand in for the CUDA one ``make test`` asks for.
 """
+import json
 import os
 import shutil
 import sys
@@ -18,6 +24,7 @@ from pathlib import Path
 
 OPS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = OPS_DIR.parent
+BUILD_RECORD = OPS_DIR / "_C.build.json"
 # The GPUs people train and evaluate on that CUDA 13 supports: T4 (7.5), A100 (8.0), A10 and
 # RTX 30xx (8.6), L4 and RTX 40xx (8.9), H100/H200 (9.0), B200/B300 (10.0), RTX 50xx and
 # RTX PRO 6000 (12.0), with PTX for GPUs newer still. A binary for x.0 also runs on x.y (12.0 on
@@ -99,14 +106,47 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
+def read_build_record() -> dict | None:
+    """What :data:`BUILD_RECORD` says the extension was built with, or ``None`` if it says nothing."""
+    try:
+        record = json.loads(BUILD_RECORD.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def build_covers(record: dict | None, wanted: str | None) -> bool:
+    """Whether the build described by ``record`` has what a build for ``wanted`` would have.
+
+    ``wanted`` is a ``TORCH_CUDA_ARCH_LIST`` or ``None`` for the CPU kernel alone; a record holds
+    ``cuda_arch_list`` (``None``: CPU only) and, after a CUDA build that failed and fell back to the
+    CPU kernel, ``cuda_failed_for`` (which is not tried again until the sources change).
+    """
+    if record is None:
+        return False
+    if wanted is None:
+        return True
+    built = record.get("cuda_arch_list")
+    if built is None:
+        return record.get("cuda_failed_for") == wanted
+    return set(wanted.split(";")) <= set(built.split(";"))
+
+
 class BuildWithFallback(BuildExtension):
-    """Builds the CUDA extension and, should that fail, the CPU-only one."""
+    """Builds the CUDA extension and, should that fail, the CPU-only one; records which it built."""
 
     def build_extensions(self) -> None:
+        with_cuda = any(source.endswith(".cu") for ext in self.extensions for source in ext.sources)
+        wanted = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None
+        if not build_covers(read_build_record(), wanted):
+            self.force = True
+        outputs = [Path(self.get_ext_fullpath(ext.name)) for ext in self.extensions]
+        before = [path.stat().st_mtime_ns if path.exists() else None for path in outputs]
+        record: dict = {"cuda_arch_list": wanted}
         try:
             super().build_extensions()
         except Exception as exc:  # a compiler error, a toolkit mismatch, ...
-            if not any(source.endswith(".cu") for ext in self.extensions for source in ext.sources):
+            if not with_cuda:
                 raise
             print(f"ops/setup.py: building the CUDA kernel failed ({exc}); "
                   "building the CPU-only extension instead", file=sys.stderr)
@@ -119,6 +159,10 @@ class BuildWithFallback(BuildExtension):
                 ext.extra_compile_args = fallback.extra_compile_args
                 ext.extra_link_args = fallback.extra_link_args
             super().build_extensions()
+            record = {"cuda_arch_list": None, "cuda_failed_for": wanted}
+        # An extension setuptools found up to date was not rebuilt: its record still holds.
+        if [path.stat().st_mtime_ns if path.exists() else None for path in outputs] != before:
+            BUILD_RECORD.write_text(json.dumps(record) + "\n")
 
 
 def main() -> None:

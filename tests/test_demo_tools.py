@@ -16,6 +16,7 @@ from models import build_model
 from tools import benchmark as benchmark_tool
 from tools import benchmark_train, infer, plot_logs
 from tools.make_synthetic_coco import CATEGORIES, make_synthetic_coco
+from util.logger import format_costs, top_costs
 
 from helpers import BOX_REFINE, MULTI_SCALE, TWO_STAGE, VARIANT_FLAGS, parse
 
@@ -344,14 +345,42 @@ def test_benchmark_compares_precisions_and_backends_side_by_side(capsys):
     assert rows[0][-1] == "1.00x"
 
 
+def test_top_costs_ranks_operators_by_their_own_time():
+    big, small = torch.randn(400, 400), torch.randn(8)
+
+    def work():
+        for _ in range(3):
+            big @ big
+        for _ in range(5):
+            small + small
+
+    costs = top_costs(work, torch.device("cpu"), k=2)
+    assert costs[0][0] == "aten::mm" and costs[0][2] == 3 and costs[0][1] > 0.5
+    assert len(costs) == 2 and costs[1][1] <= costs[0][1]
+    assert format_costs(costs).startswith(f"aten::mm {100 * costs[0][1]:.1f}% (3), ")
+
+
+def test_benchmark_profiles_each_configuration(capsys):
+    assert benchmark_tool.main(TINY_MODEL + ["--device", "cpu", "--image_size", "64", "96", "--num_iters", "1",
+                                             "--warmup", "0", "--batch_sizes", "1", "--compare_backends",
+                                             "--profile"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("top operators")]
+    assert [line.split(":")[0] for line in lines] == ["top operators, batch 1, amp none, sampling compiled",
+                                                      "top operators, batch 1, amp none, sampling pytorch"]
+    # the compiled op shows up as itself; the pure-PyTorch core has no such operator
+    assert "ms_deform_attn" not in lines[1] and all(line.count("%") == 5 for line in lines)
+
+
 def test_benchmark_train_compares_precisions_and_backends_side_by_side(tiny_coco_root, capsys):
     argv = TINY_MODEL + ["--device", "cpu", "--coco_path", str(tiny_coco_root), "--train_scales", "64",
                          "--max_size", "96", "--num_workers", "0", "--batch_size", "2", "--num_iters", "1",
-                         "--warmup", "0", "--amp", "none", "fp16", "--compare_backends"]
+                         "--warmup", "0", "--amp", "none", "fp16", "--compare_backends", "--profile"]
     argv[argv.index("--num_classes") + 1] = "8"
     assert benchmark_train.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = [line.split() for line in lines[2:]]
+    rows = [line.split() for line in lines[2:6]]
+    configs = [(amp, backend) for amp in ("none", "fp16") for backend in ("compiled", "pytorch")]
+    assert [line.split(":")[0] for line in lines[6:]] == [f"top operators, amp {a}, sampling {b}" for a, b in configs]
     assert [(r[0], r[1]) for r in rows] == [("none", "compiled"), ("none", "pytorch"), ("fp16", "compiled"),
                                            ("fp16", "pytorch")]
     assert all(float(r[2]) > 0 and float(r[5]) > 0 for r in rows) and rows[0][-1] == "1.00x"

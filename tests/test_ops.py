@@ -613,3 +613,15 @@ class TestBuildArchitectures:
                                 text=True, check=True).stdout.split()
         for arch in setup.DEFAULT_ARCH_LIST.split(";"):
             assert "compute_" + arch.removesuffix("+PTX").replace(".", "") in listed, arch
+
+    def test_an_existing_build_is_kept_only_when_it_has_what_is_asked_for(self):
+        covers = _setup_module().build_covers
+        cuda = {"cuda_arch_list": "7.5;9.0"}
+        cpu_only = {"cuda_arch_list": None}
+        failed = {"cuda_arch_list": None, "cuda_failed_for": "7.5;9.0"}
+        assert covers(cuda, None) and covers(cpu_only, None) and covers(failed, None)
+        assert covers(cuda, "7.5;9.0") and covers(cuda, "9.0")
+        assert not covers(cuda, "8.0") and not covers(cuda, "9.0;12.0+PTX")
+        assert not covers(cpu_only, "7.5;9.0")  # `make demo`'s CPU-only build does not do for `make test`
+        assert covers(failed, "7.5;9.0") and not covers(failed, "9.0")  # a failed CUDA build is retried for others
+        assert not covers(None, None)  # unrecorded: rebuilt

@@ -15,6 +15,8 @@ original's computation) beside the compiled op; every configuration is timed ``-
 passes per round, in turn, for ``--rounds`` rounds, and the median over the rounds is printed with
 the speed relative to the first configuration. The backbone starts from random weights
 (``--backbone_weights none``) unless given, since speed does not depend on them.
+``--profile`` then profiles ``--num_iters`` more passes of each PyTorch configuration
+(``torch.profiler``) and prints its five most expensive operators by their own time.
 ``--onnx FILE`` adds a model exported by ``tools/export_onnx.py`` (for the same flags), run by ONNX
 Runtime on the CPU, to the configurations compared.
 ``--image_size`` defaults to 800x1333 (COCO evaluation size) on CUDA and to 320x480 on CPU.
@@ -39,6 +41,7 @@ from ops import BACKEND_ENV, sampling_backend  # noqa: E402
 from util.checkpoint import load_checkpoint, load_weights  # noqa: E402
 from util.errors import InputError, InputValueError  # noqa: E402
 from util.flags import cli_parser  # noqa: E402
+from util.logger import format_costs, top_costs  # noqa: E402
 from util.misc import NestedTensor, nested_tensor_from_tensor_list  # noqa: E402
 
 GPU_IMAGE_SIZE = (800, 1333)
@@ -62,8 +65,9 @@ def seconds_per_batch(model: nn.Module, inputs: NestedTensor, num_iters: int, de
     return total / num_iters
 
 
-def benchmark(args: argparse.Namespace) -> dict[Config, float]:
-    """Images per second (median over the rounds) for each batch size, amp mode and backend."""
+def benchmark(args: argparse.Namespace) -> tuple[dict[Config, float], dict[Config, str]]:
+    """Images per second (median over the rounds) for each batch size, amp mode and backend, and
+    with ``--profile`` each PyTorch configuration's top five operators (see the module docstring)."""
     if args.num_iters < 1 or args.warmup < 0 or args.rounds < 1:
         raise InputValueError(f"need --num_iters >= 1, --warmup >= 0 and --rounds >= 1, got {args.num_iters}, "
                               f"{args.warmup} and {args.rounds}")
@@ -106,7 +110,9 @@ def benchmark(args: argparse.Namespace) -> dict[Config, float]:
     for _ in range(args.rounds):
         for config in configs:
             seconds[config].append(run(config, args.num_iters))
-    return {config: config[0] / statistics.median(times) for config, times in seconds.items()}
+    costs = {c: format_costs(top_costs(lambda c=c: run(c, args.num_iters), device))
+             for c in configs if args.profile and c[2] != "onnxruntime"}
+    return {config: config[0] / statistics.median(times) for config, times in seconds.items()}, costs
 
 
 def onnx_session(path: str):
@@ -137,6 +143,8 @@ def get_parser() -> argparse.ArgumentParser:
                                                    "--dynamic or for --image_size) with ONNX Runtime")
     parser.add_argument("--compare_backends", action="store_true",
                         help="also time the pure-PyTorch sampling core (MSDA_BACKEND=pytorch) beside the compiled op")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile each configuration and print its five most expensive operators")
     # Several modes here, side by side, where main.py takes one.
     parser.add_argument("--amp", default=["none"], nargs="+", choices=tuple(AMP_DTYPES), help="mixed-precision modes")
     parser.set_defaults(backbone_weights="none", device="cuda" if torch.cuda.is_available() else "cpu")
@@ -146,7 +154,7 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     try:
-        results = benchmark(args)
+        results, costs = benchmark(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -160,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         first.setdefault(batch, fps)
         print(f"batch {batch}: {fps:.2f} images/s ({1000 * batch / fps:.1f} ms per batch)  amp {amp:4s}  "
               f"sampling {backend:8s}  speed vs first {fps / first[batch]:.2f}x")
+    for (batch, amp, backend), line in costs.items():
+        print(f"top operators, batch {batch}, amp {amp}, sampling {backend}: {line}")
     return 0
 
 

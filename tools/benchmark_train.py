@@ -15,7 +15,8 @@ compiled op: each configuration gets ``--warmup`` untimed steps, then ``--rounds
 all alike. It prints the median over the rounds of each configuration's seconds per iteration,
 its data time, its peak memory (``torch.cuda.max_memory_allocated`` on CUDA, the peak resident set
 size on the CPU, both reset before each configuration's steps) and its speed relative to the first
-configuration.
+configuration. ``--profile`` then profiles ``--num_iters`` more steps of each configuration
+(``torch.profiler``) and prints its five most expensive operators by their own time.
 """
 import argparse
 import os
@@ -35,16 +36,17 @@ from models import build_model  # noqa: E402
 from ops import BACKEND_ENV, sampling_backend  # noqa: E402
 from util.errors import InputValueError  # noqa: E402
 from util.flags import cli_parser  # noqa: E402
-from util.logger import peak_memory_mb, reset_peak_memory  # noqa: E402
+from util.logger import format_costs, peak_memory_mb, reset_peak_memory, top_costs  # noqa: E402
 from util.misc import seed_everything  # noqa: E402
 from util.optim import build_optimizer  # noqa: E402
 
 Config = tuple[str, str]  # (amp, MSDA_BACKEND)
 
 
-def benchmark(args: argparse.Namespace) -> dict[Config, dict[str, float]]:
+def benchmark(args: argparse.Namespace) -> tuple[dict[Config, dict[str, float]], dict[Config, str]]:
     """Per configuration: medians over the rounds of ``sec_per_iter`` and ``data_sec_per_iter``,
-    ``images_per_sec`` and the largest ``peak_mem_mb`` (see the module docstring)."""
+    ``images_per_sec`` and the largest ``peak_mem_mb``; and with ``--profile`` its top five
+    operators (see the module docstring)."""
     if args.num_iters < 1 or args.warmup < 0 or args.rounds < 1:
         raise InputValueError(f"need --num_iters >= 1, --warmup >= 0 and --rounds >= 1, got {args.num_iters}, "
                               f"{args.warmup} and {args.rounds}")
@@ -98,7 +100,8 @@ def benchmark(args: argparse.Namespace) -> dict[Config, dict[str, float]]:
         sec = statistics.median(t for t, _ in times[config])
         results[config] = {"sec_per_iter": sec, "data_sec_per_iter": statistics.median(d for _, d in times[config]),
                            "images_per_sec": args.batch_size / sec, "peak_mem_mb": peaks[config]}
-    return results
+    costs = {c: format_costs(top_costs(lambda c=c: run(c, args.num_iters), device)) for c in configs if args.profile}
+    return results, costs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,11 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", default=1, type=int, help="rounds of timed iterations over all configurations")
     parser.add_argument("--compare_backends", action="store_true",
                         help="also time the pure-PyTorch sampling core (MSDA_BACKEND=pytorch) beside the compiled op")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile each configuration and print its five most expensive operators")
     # Several modes here, side by side, where main.py takes one.
     parser.add_argument("--amp", default=["none"], nargs="+", choices=tuple(AMP_DTYPES), help="mixed-precision modes")
     args = parser.parse_args(argv)
     try:
-        results = benchmark(args)
+        results, costs = benchmark(args)
     except InputValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -126,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     for (amp, backend), r in results.items():
         print(f"{amp:5s} {backend:9s} {r['sec_per_iter']:8.4f} {r['images_per_sec']:9.2f} "
               f"{r['data_sec_per_iter']:12.4f} {r['peak_mem_mb']:8.0f}  {first / r['sec_per_iter']:.2f}x")
+    for (amp, backend), line in costs.items():
+        print(f"top operators, amp {amp}, sampling {backend}: {line}")
     return 0
 
 

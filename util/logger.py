@@ -5,7 +5,7 @@ import resource
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +45,27 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     elif _PROC_STATUS.exists():
         Path("/proc/self/clear_refs").write_text("5")
+
+
+def top_costs(run: Callable[[], object], device: torch.device, k: int = 5) -> list[tuple[str, float, int]]:
+    """Profile ``run()`` with ``torch.profiler`` and return its ``k`` most expensive operators by
+    their own (self) time, on the CUDA device where ``device`` is one, else on the CPU: each as
+    (name, share of the total self time, calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        run()
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    cost = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(cost(e) for e in events) or 1.0
+    ranked = sorted(events, key=cost, reverse=True)[:k]
+    return [(e.key, cost(e) / total, e.count) for e in ranked]
+
+
+def format_costs(costs: list[tuple[str, float, int]]) -> str:
+    """``top_costs``' list as one line: ``name share% (calls)``, comma separated."""
+    return ", ".join(f"{name} {100 * share:.1f}% ({calls})" for name, share, calls in costs)
 
 
 class SmoothedValue:
