@@ -203,6 +203,32 @@ def test_masks_and_valid_ratios_per_level():
             torch.testing.assert_close(ratios[i], torch.tensor([valid_w / w_l, valid_h / h_l]))
 
 
+@pytest.mark.parametrize("reference_grad", [False, True], ids=["constant_references", "learned_references"])
+def test_sampling_locations_are_the_originals_formula_bit_for_bit(reference_grad):
+    """Pixel offsets over (W_l, H_l) plus the reference point, computed as the original writes it
+    (a broadcast over heads, levels, points and (x, y), dividing by the int64 shapes): the same
+    locations and the same gradients, to the bit."""
+    from models.ms_deform_attn import MSDeformAttn
+
+    torch.manual_seed(0)
+    module = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=3)
+    with torch.no_grad():
+        module.sampling_offsets.weight.normal_(0, 0.5)
+    shapes = torch.tensor([[6, 9], [3, 5], [2, 3]])
+    query = torch.randn(2, 11, 32, requires_grad=True)
+    reference_points = torch.rand(2, 11, 3, 2, requires_grad=reference_grad)
+    grad = torch.randn(2, 11, 4, 3, 3, 2)
+
+    locations, _ = module.sampling_locations_and_weights(query, reference_points, shapes)
+    got = torch.autograd.grad(locations, [query] + [reference_points] * reference_grad, grad)
+    offsets = module.sampling_offsets(query).view(2, 11, 4, 3, 3, 2)
+    normalizer = torch.stack([shapes[..., 1], shapes[..., 0]], -1)
+    want_locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    want = torch.autograd.grad(want_locations, [query] + [reference_points] * reference_grad, grad)
+    assert torch.equal(locations, want_locations)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_encoder_reference_points_are_pixel_centres():
     valid = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.5, 0.75], [0.5, 0.75]]])
     ref = DeformableTransformerEncoder.get_reference_points([(4, 4), (2, 2)], valid, torch.device("cpu"))
