@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 from util.flags import VARIANTS, config_flags, get_args_parser
 
@@ -58,9 +59,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def run_main(argv: Sequence[str], in_process: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python main.py ARGV`` as a finished process: exit status, stdout and stderr.
 
-    By default ``main.main(argv)`` runs in this process with both streams captured, which spares
-    the seconds a new interpreter spends importing torch and torchvision; an exception main.py
-    would not catch propagates into the test. ``in_process=False`` starts a real ``main.py``.
+    By default ``main.main(argv)`` runs in this process, with both streams captured and the
+    environment a child would get (:func:`subprocess_env`, restored afterwards), which spares the
+    seconds a new interpreter spends importing torch and torchvision; an exception main.py would
+    not catch propagates into the test. ``in_process=False`` starts a real ``main.py``.
     """
     if not in_process:
         return subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, env=subprocess_env(),
@@ -68,6 +70,7 @@ def run_main(argv: Sequence[str], in_process: bool = True, timeout: float = 300)
     import main
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (mock.patch.dict(os.environ, subprocess_env(), clear=True), contextlib.redirect_stdout(out),
+          contextlib.redirect_stderr(err)):
         status = main.main(list(argv))
     return subprocess.CompletedProcess(["main.py", *argv], status, out.getvalue(), err.getvalue())

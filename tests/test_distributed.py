@@ -37,9 +37,14 @@ def _fake_command(directory: Path, name: str, body: str) -> Path:
 
 @pytest.fixture
 def clean_launch_env(monkeypatch):
+    """No launcher variables during the test, and none left after it: init_distributed writes
+    the ones it derives from Slurm's straight into os.environ, which monkeypatch does not undo."""
+    saved = dict(os.environ)
     for name in LAUNCH_VARS:
         monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 # --------------------------------------------------------------------------------------------
