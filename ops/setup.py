@@ -132,16 +132,28 @@ def build_covers(record: dict | None, wanted: str | None) -> bool:
     return set(wanted.split(";")) <= set(built.split(";"))
 
 
+def newer_than_sources(path: Path) -> bool:
+    """Whether ``path`` exists and is newer than every file under ``ops/csrc`` and this script."""
+    if not path.exists():
+        return False
+    sources = [f for f in (OPS_DIR / "csrc").rglob("*") if f.is_file()] + [OPS_DIR / "setup.py"]
+    return path.stat().st_mtime_ns > max(f.stat().st_mtime_ns for f in sources)
+
+
 class BuildWithFallback(BuildExtension):
     """Builds the CUDA extension and, should that fail, the CPU-only one; records which it built."""
 
     def build_extensions(self) -> None:
         with_cuda = any(source.endswith(".cu") for ext in self.extensions for source in ext.sources)
         wanted = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None
-        if not build_covers(read_build_record(), wanted):
-            self.force = True
         outputs = [Path(self.get_ext_fullpath(ext.name)) for ext in self.extensions]
-        before = [path.stat().st_mtime_ns if path.exists() else None for path in outputs]
+        if build_covers(read_build_record(), wanted) and all(newer_than_sources(path) for path in outputs):
+            print("ops/setup.py: the extension is up to date and has what is asked for "
+                  f"({BUILD_RECORD.name}); keeping it")
+            return
+        # Decided here rather than by setuptools' own check (which looks at the sources only) or
+        # by ninja's (which torch always runs, rebuilding a CUDA build into a CPU-only one).
+        self.force = True
         record: dict = {"cuda_arch_list": wanted}
         try:
             super().build_extensions()
@@ -160,9 +172,7 @@ class BuildWithFallback(BuildExtension):
                 ext.extra_link_args = fallback.extra_link_args
             super().build_extensions()
             record = {"cuda_arch_list": None, "cuda_failed_for": wanted}
-        # An extension setuptools found up to date was not rebuilt: its record still holds.
-        if [path.stat().st_mtime_ns if path.exists() else None for path in outputs] != before:
-            BUILD_RECORD.write_text(json.dumps(record) + "\n")
+        BUILD_RECORD.write_text(json.dumps(record) + "\n")
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ import contextlib
 import importlib.util
 import itertools
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -625,3 +626,14 @@ class TestBuildArchitectures:
         assert not covers(cpu_only, "7.5;9.0")  # `make demo`'s CPU-only build does not do for `make test`
         assert covers(failed, "7.5;9.0") and not covers(failed, "9.0")  # a failed CUDA build is retried for others
         assert not covers(None, None)  # unrecorded: rebuilt
+
+    def test_an_extension_older_than_a_source_is_rebuilt(self, tmp_path):
+        setup = _setup_module()
+        newest = max(f.stat().st_mtime_ns for f in (OPS_DIR / "csrc").rglob("*") if f.is_file())
+        built = tmp_path / "_C.so"
+        assert not setup.newer_than_sources(built)  # not built at all
+        built.write_bytes(b"")
+        os.utime(built, ns=(newest - 10**9, newest - 10**9))
+        assert not setup.newer_than_sources(built)
+        os.utime(built, ns=(newest + 10**9, max(newest, (OPS_DIR / "setup.py").stat().st_mtime_ns) + 10**9))
+        assert setup.newer_than_sources(built)
