@@ -11,10 +11,11 @@ when it is unset, the build is for the GPUs that are visible (fast), or, with no
 :data:`DEFAULT_ARCH_LIST`. If the CUDA part fails to compile, the CPU-only extension is built
 instead and the reason is printed. ``MSDA_WITH_CUDA=0`` skips the CUDA part.
 
-What the extension was built with is recorded beside it (:data:`BUILD_RECORD`). An up-to-date
-extension is kept when it has everything asked for (a CUDA build also serves a CPU-only request,
-and a build for more architectures one for fewer); otherwise it is rebuilt, so that a CPU-only
-build (``make demo``) does not stand in for the CUDA one ``make test`` asks for.
+What the extension was built with is recorded beside it (:data:`BUILD_RECORD`). An extension
+newer than its sources and built against this torch is kept when it has everything asked for (a
+CUDA build also serves a CPU-only request, and a build for more architectures one for fewer);
+otherwise it is rebuilt, so that a CPU-only build (``make demo``) does not stand in for the CUDA
+one ``make test`` asks for, and ``make demo`` after ``make build`` keeps the CUDA build.
 """
 import json
 import os
@@ -147,14 +148,17 @@ class BuildWithFallback(BuildExtension):
         with_cuda = any(source.endswith(".cu") for ext in self.extensions for source in ext.sources)
         wanted = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None
         outputs = [Path(self.get_ext_fullpath(ext.name)) for ext in self.extensions]
-        if build_covers(read_build_record(), wanted) and all(newer_than_sources(path) for path in outputs):
+        record = read_build_record()
+        # an extension built against another torch would not load: rebuilt
+        same_torch = record is not None and record.get("torch") == torch.__version__
+        if same_torch and build_covers(record, wanted) and all(newer_than_sources(path) for path in outputs):
             print("ops/setup.py: the extension is up to date and has what is asked for "
                   f"({BUILD_RECORD.name}); keeping it")
             return
         # Decided here rather than by setuptools' own check (which looks at the sources only) or
         # by ninja's (which torch always runs, rebuilding a CUDA build into a CPU-only one).
         self.force = True
-        record: dict = {"cuda_arch_list": wanted}
+        record = {"torch": torch.__version__, "cuda_arch_list": wanted}
         try:
             super().build_extensions()
         except Exception as exc:  # a compiler error, a toolkit mismatch, ...
@@ -171,7 +175,7 @@ class BuildWithFallback(BuildExtension):
                 ext.extra_compile_args = fallback.extra_compile_args
                 ext.extra_link_args = fallback.extra_link_args
             super().build_extensions()
-            record = {"cuda_arch_list": None, "cuda_failed_for": wanted}
+            record.update(cuda_arch_list=None, cuda_failed_for=wanted)
         BUILD_RECORD.write_text(json.dumps(record) + "\n")
 
 
