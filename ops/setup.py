@@ -141,6 +141,13 @@ def newer_than_sources(path: Path) -> bool:
     return path.stat().st_mtime_ns > max(f.stat().st_mtime_ns for f in sources)
 
 
+def can_keep(record: dict | None, wanted: str | None, outputs: list[Path]) -> bool:
+    """Whether the built ``outputs`` described by ``record`` serve a build for ``wanted``: built
+    against this torch (another's would not load), covering ``wanted`` and newer than the sources."""
+    return (record is not None and record.get("torch") == torch.__version__ and build_covers(record, wanted)
+            and all(newer_than_sources(path) for path in outputs))
+
+
 class BuildWithFallback(BuildExtension):
     """Builds the CUDA extension and, should that fail, the CPU-only one; records which it built."""
 
@@ -148,10 +155,7 @@ class BuildWithFallback(BuildExtension):
         with_cuda = any(source.endswith(".cu") for ext in self.extensions for source in ext.sources)
         wanted = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None
         outputs = [Path(self.get_ext_fullpath(ext.name)) for ext in self.extensions]
-        record = read_build_record()
-        # an extension built against another torch would not load: rebuilt
-        same_torch = record is not None and record.get("torch") == torch.__version__
-        if same_torch and build_covers(record, wanted) and all(newer_than_sources(path) for path in outputs):
+        if can_keep(read_build_record(), wanted, outputs):
             print("ops/setup.py: the extension is up to date and has what is asked for "
                   f"({BUILD_RECORD.name}); keeping it")
             return

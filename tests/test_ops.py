@@ -637,3 +637,14 @@ class TestBuildArchitectures:
         assert not setup.newer_than_sources(built)
         os.utime(built, ns=(newest + 10**9, max(newest, (OPS_DIR / "setup.py").stat().st_mtime_ns) + 10**9))
         assert setup.newer_than_sources(built)
+
+    def test_an_extension_of_another_torch_is_rebuilt(self, tmp_path):
+        setup = _setup_module()
+        built = tmp_path / "_C.so"
+        built.write_bytes(b"")
+        later = max(f.stat().st_mtime_ns for f in [*(OPS_DIR / "csrc").rglob("*"), OPS_DIR / "setup.py"]) + 10**9
+        os.utime(built, ns=(later, later))
+        record = {"torch": torch.__version__, "cuda_arch_list": "9.0"}
+        assert setup.can_keep(record, None, [built]) and setup.can_keep(record, "9.0", [built])
+        assert not setup.can_keep({**record, "torch": "2.0.0"}, None, [built])
+        assert not setup.can_keep({"cuda_arch_list": "9.0"}, None, [built])  # a record from before torch was noted
