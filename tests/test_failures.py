@@ -24,7 +24,6 @@ def argv(coco: Path, output_dir: Path, *extra: str) -> list[str]:
     return [*SMALL_MODEL, "--coco_path", str(coco), "--batch_size", "2", "--output_dir", str(output_dir), *extra]
 
 
-
 def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 

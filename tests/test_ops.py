@@ -627,23 +627,22 @@ class TestBuildArchitectures:
         assert covers(failed, "7.5;9.0") and not covers(failed, "9.0")  # a failed CUDA build is retried for others
         assert not covers(None, None)  # unrecorded: rebuilt
 
+    @staticmethod
+    def _file_dated(path: Path, seconds_after_newest_source: int) -> Path:
+        newest = max(f.stat().st_mtime_ns for f in [*(OPS_DIR / "csrc").rglob("*"), OPS_DIR / "setup.py"])
+        path.write_bytes(b"")
+        os.utime(path, ns=(newest + seconds_after_newest_source * 10**9,) * 2)
+        return path
+
     def test_an_extension_older_than_a_source_is_rebuilt(self, tmp_path):
         setup = _setup_module()
-        newest = max(f.stat().st_mtime_ns for f in (OPS_DIR / "csrc").rglob("*") if f.is_file())
-        built = tmp_path / "_C.so"
-        assert not setup.newer_than_sources(built)  # not built at all
-        built.write_bytes(b"")
-        os.utime(built, ns=(newest - 10**9, newest - 10**9))
-        assert not setup.newer_than_sources(built)
-        os.utime(built, ns=(newest + 10**9, max(newest, (OPS_DIR / "setup.py").stat().st_mtime_ns) + 10**9))
-        assert setup.newer_than_sources(built)
+        assert not setup.newer_than_sources(tmp_path / "_C.so")  # not built at all
+        assert not setup.newer_than_sources(self._file_dated(tmp_path / "_C.so", -1))
+        assert setup.newer_than_sources(self._file_dated(tmp_path / "_C.so", 1))
 
     def test_an_extension_of_another_torch_is_rebuilt(self, tmp_path):
         setup = _setup_module()
-        built = tmp_path / "_C.so"
-        built.write_bytes(b"")
-        later = max(f.stat().st_mtime_ns for f in [*(OPS_DIR / "csrc").rglob("*"), OPS_DIR / "setup.py"]) + 10**9
-        os.utime(built, ns=(later, later))
+        built = self._file_dated(tmp_path / "_C.so", 1)
         record = {"torch": torch.__version__, "cuda_arch_list": "9.0"}
         assert setup.can_keep(record, None, [built]) and setup.can_keep(record, "9.0", [built])
         assert not setup.can_keep({**record, "torch": "2.0.0"}, None, [built])

@@ -56,7 +56,7 @@ def top_costs(run: Callable[[], object], device: torch.device, k: int = 5) -> li
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         run()
-    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    events = list(prof.key_averages())
     cost = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     total = sum(cost(e) for e in events) or 1.0
     ranked = sorted(events, key=cost, reverse=True)[:k]
