@@ -50,6 +50,23 @@ def basic_block_resnet(layers: Sequence[int], base_width: int, norm_layer: type[
     return net
 
 
+class ChannelsLastMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that pools CPU tensors in the channels-last layout and returns the input's.
+
+    PyTorch's CPU kernel for NCHW pooling is about 10x slower than its channels-last one (13 against
+    1.4 ms for the demo's ``(16, 32, 64, 64)`` stem output on 2 threads), enough to be a twentieth
+    of the demo's training step. The maximum is exact in either layout and both kernels pass the
+    gradient to the first maximum of each window in the same order, so values and gradients are
+    the original's bit for bit (tested). Compiled and exported graphs keep the plain pooling.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` to ``(B, C, H_out, W_out)``."""
+        if x.device.type != "cpu" or x.dim() != 4 or torch.compiler.is_compiling():
+            return super().forward(x)
+        return super().forward(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 def _stage_out_channels(stage: nn.Sequential) -> int:
     """Output channels of a ResNet stage: those of its last block's last convolution."""
     last_block = stage[-1]
@@ -140,6 +157,9 @@ class Backbone(nn.Module):
             resnet = getattr(torchvision.models, name)(
                 weights=None, replace_stride_with_dilation=[False, False, dilation], norm_layer=norm_layer)
         load_resnet_weights(resnet, name, weights)
+        pool = resnet.maxpool
+        resnet.maxpool = ChannelsLastMaxPool2d(pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                               ceil_mode=pool.ceil_mode)
         for param_name, parameter in resnet.named_parameters():
             later_stage = param_name.split(".")[0] in ("layer2", "layer3", "layer4")
             if not (train_backbone and (later_stage or train_stem)):

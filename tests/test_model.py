@@ -340,6 +340,24 @@ def test_basic_block_resnet_matches_torchvision_layout():
     assert all(ours[k].shape == theirs[k].shape for k in ours)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 17, 23), (4, 32, 64, 64)])
+def test_channels_last_max_pool_is_the_plain_pooling_bit_for_bit(shape):
+    """Values and gradients equal nn.MaxPool2d's in NCHW, ties included: the inputs hold few
+    distinct values, half of them zeros as after the stem's ReLU."""
+    from models.backbone import ChannelsLastMaxPool2d
+    torch.manual_seed(0)
+    x = (torch.randint(-3, 4, shape).float() / 2).relu().requires_grad_()
+    y = x.detach().clone().requires_grad_()
+    ours, plain = ChannelsLastMaxPool2d(3, 2, 1)(x), torch.nn.MaxPool2d(3, 2, 1)(y)
+    grad = torch.randn_like(plain)
+    ours.backward(grad)
+    plain.backward(grad)
+    assert ours.is_contiguous()
+    assert torch.equal(ours, plain) and torch.equal(x.grad, y.grad)
+    backbone = Backbone("resnet10", True, True, False, norm="batch", base_width=8)
+    assert type(backbone.body.maxpool) is ChannelsLastMaxPool2d
+
+
 def test_small_trainable_backbone():
     backbone = Backbone("resnet10", train_backbone=True, return_interm_layers=True, dilation=False,
                         norm="batch", train_stem=True, base_width=32)
