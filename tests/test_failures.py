@@ -221,6 +221,11 @@ def weights(path: Path) -> dict:
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_killed_and_resumed_run_ends_with_the_same_weights(coco, tmp_path, amp):
     flags = ["--epochs", "3", "--lr_drop", "2", "--amp", amp]
+    if amp == "bf16":
+        # Images of at most 64 pixels a side: on CI's CPU, bf16 gave non-finite outputs for 96x64
+        # images, traced to oneDNN's 3x3 stride-2 bf16 convolution on inputs of width 1 or 2 (the
+        # extra level's projection); see docs/training.md, mixed precision.
+        flags += ["--max_size", "64"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_main(argv(coco, straight, *flags)).returncode == 0
 
