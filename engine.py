@@ -102,10 +102,12 @@ def train_step(model: nn.Module, criterion: nn.Module, samples: NestedTensor, ta
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.grad is not None]
+    # foreach: the same values as the per-tensor loop (PyTorch's default on the CPU), in a few
+    # multi-tensor calls instead of several per parameter
     if max_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
     else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
 
     values, (grad_norm_value,) = _loss_scalars(loss_dict, weight_dict, extra=[grad_norm])
     if not math.isfinite(values["loss"]):

@@ -1,5 +1,6 @@
 """The deformable transformer: encoder and decoder of multi-scale deformable attention."""
 import copy
+import functools
 import math
 
 import torch
@@ -17,7 +18,10 @@ def _clones(module: nn.Module, n: int) -> nn.ModuleList:
 
 
 def _activation(name: str):
-    activations = {"relu": F.relu, "gelu": F.gelu, "glu": F.glu}
+    # ReLU in place: it is applied to a linear layer's fresh output, which nothing else reads (the
+    # linear layer's backward needs its input, not its output); the same values, without a second
+    # (tokens, d_ffn) tensor.
+    activations = {"relu": functools.partial(F.relu, inplace=True), "gelu": F.gelu, "glu": F.glu}
     if name not in activations:
         raise ValueError(f"activation must be one of {sorted(activations)}, got {name!r}")
     return activations[name]

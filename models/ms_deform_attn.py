@@ -121,7 +121,8 @@ class MSDeformAttn(nn.Module):
         batch, num_values, _ = input_flatten.shape
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+            # in place: the projection's fresh output is read by nothing else
+            value = value.masked_fill_(input_padding_mask[..., None], 0.0)
         value = value.view(batch, num_values, self.n_heads, self.d_model // self.n_heads)
         sampling_locations, attention_weights = self.sampling_locations_and_weights(
             query, reference_points, input_spatial_shapes)

@@ -1,11 +1,14 @@
 """`make demo`'s script, shortened: a small synthetic set, one epoch, then curves and pictures."""
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tools.make_synthetic_coco import make_synthetic_coco
+from util.checkpoint import load_checkpoint
 
 from helpers import REPO, subprocess_env
 
@@ -27,3 +30,7 @@ def test_shortened_demo_completes(tmp_path):
     assert len(pictures) == 4
     with Image.open(pictures[0]) as picture:
         assert picture.size == (3 * 128, 3 * 128)  # drawn at --draw_scale 3
+    # bfloat16 exactly where the CPU computes it natively
+    native_bf16 = re.search(r"\b(avx512_bf16|amx_bf16)\b", Path("/proc/cpuinfo").read_text())
+    assert load_checkpoint(out / "checkpoint.pth")["args"].amp == ("bf16" if native_bf16 else "none")
+    assert ("Training in bfloat16" if native_bf16 else "Training in float32") in proc.stdout

@@ -386,6 +386,27 @@ def test_benchmark_train_compares_precisions_and_backends_side_by_side(tiny_coco
     assert all(float(r[2]) > 0 and float(r[5]) > 0 for r in rows) and rows[0][-1] == "1.00x"
 
 
+def test_benchmark_train_on_a_fixed_random_batch(capsys):
+    images, targets = benchmark_train.synthetic_batch(3, 40, 56, 5, 8, seed=0)
+    assert images.tensors.shape == (3, 3, 40, 56) and not images.mask.any()
+    for target in targets:
+        cx, cy, w, h = target["boxes"].unbind(1)
+        assert ((cx - w / 2 >= 0) & (cx + w / 2 <= 1) & (cy - h / 2 >= 0) & (cy + h / 2 <= 1) & (w > 0)).all()
+        assert target["labels"].min() >= 1 and target["labels"].max() < 8
+    again, _ = benchmark_train.synthetic_batch(3, 40, 56, 5, 8, seed=0)
+    assert torch.equal(images.tensors, again.tensors)
+
+    argv = TINY_MODEL + ["--device", "cpu", "--image_size", "64", "96", "--batch_size", "2", "--num_iters", "1",
+                         "--warmup", "0", "--compare_backends"]
+    assert benchmark_train.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "one fixed batch of random 64x96 images" in lines[0]
+    rows = [line.split() for line in lines[2:4]]
+    assert [(r[0], r[1]) for r in rows] == [("none", "compiled"), ("none", "pytorch")]
+    assert float(rows[0][4]) == 0.0 and float(rows[1][2]) > 0
+    assert benchmark_train.main(TINY_MODEL + ["--device", "cpu", "--image_size", "0", "96"]) == 2
+
+
 def test_infer_draw_scale_enlarges_picture_and_boxes(checkpoints, wide_image, tmp_path, capsys):
     common = ["--resume", str(checkpoints[MULTI_SCALE]), str(wide_image), "--threshold", "0", "--top_k", "1"]
     infer.main(common + ["--out_dir", str(tmp_path / "x1")])

@@ -169,6 +169,51 @@ def test_param_groups_follow_the_original_names_and_rates():
     assert frozen and not set(frozen) & set(backbone)  # layer1 and the stem stay out of every group
 
 
+@pytest.mark.parametrize("sgd", [False, True])
+def test_optimizer_steps_as_the_per_parameter_loop_bit_for_bit(sgd):
+    """build_optimizer's multi-tensor (foreach) AdamW / SGD, with engine's foreach clipping, gives the
+    weights of PyTorch's per-parameter loop, its default on the CPU (and the original's there)."""
+    from engine import train_step
+    from util.optim import build_optimizer
+
+    args = parse(SMALL_MODEL + ["--lr_backbone", "1e-4"] + (["--sgd", "--lr", "1e-3"] if sgd else []))
+    generator = torch.Generator().manual_seed(0)
+    images = random_batches(generator)
+    models = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        model, criterion, _ = build_model(args)
+        optimizer, _ = build_optimizer(args, model)
+        if not foreach:
+            groups = build_param_groups(model, args.lr, args.lr_backbone, args.lr_backbone_names,
+                                        args.lr_linear_proj_names, args.lr_linear_proj_mult)
+            if sgd:
+                optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay,
+                                            foreach=False)
+            else:
+                optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, foreach=False)
+        else:
+            assert optimizer.defaults["foreach"] is True
+        model.train()
+        for samples, targets in images:
+            train_step(model, criterion, samples, targets, optimizer, max_norm=0.1)
+        models.append(model.state_dict())
+    for key, value in models[0].items():
+        assert torch.equal(value, models[1][key]), key
+
+
+def random_batches(generator: torch.Generator) -> list:
+    """Three small training batches of random images and boxes."""
+    from util.misc import nested_tensor_from_tensor_list
+    batches = []
+    for _ in range(3):
+        images = [torch.randn(3, 64, 80, generator=generator), torch.randn(3, 48, 64, generator=generator)]
+        targets = [{"boxes": torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.3, 0.6, 0.2, 0.2]]),
+                    "labels": torch.tensor([1, 3])} for _ in images]
+        batches.append((nested_tensor_from_tensor_list(images), targets))
+    return batches
+
+
 def test_param_groups_reject_a_name_in_two_groups():
     model, _, _ = build_model(parse(SMALL_MODEL))
     with pytest.raises(ParameterError, match="both match parameter backbone.0.body.layer4"):

@@ -13,7 +13,7 @@ from util.errors import ParameterError
 from util.flags import VARIANTS
 from util.misc import nested_tensor_from_tensor_list
 
-from helpers import VARIANT_FLAGS, parse
+from helpers import SMALL_MODEL, VARIANT_FLAGS, parse
 
 # The original's state_dict manifests (key, shape, dtype, kind), copied from shared/reference.
 REFERENCE = Path(__file__).resolve().parent / "data" / "state_dicts"
@@ -338,6 +338,57 @@ def test_basic_block_resnet_matches_torchvision_layout():
               if not k.startswith("fc.")}
     assert list(ours) == list(theirs)
     assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+@pytest.mark.parametrize("norm", ["frozen", "batch"])
+def test_channels_last_backbone_computes_the_same_model(norm):
+    """--channels_last changes the memory format of the backbone's activations only: the same
+    parameters and checkpoint keys, outputs and gradients equal up to float32 rounding."""
+    flags = SMALL_MODEL + ["--backbone_norm", norm, "--train_backbone_stem", "--lr_backbone", "1e-5"]
+    generator = torch.Generator().manual_seed(0)
+    samples = nested_tensor_from_tensor_list([torch.randn(3, 64, 96, generator=generator),
+                                              torch.randn(3, 80, 72, generator=generator)])
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model, _, _ = build_model(parse(flags + (["--channels_last"] if channels_last else [])))
+        model.train()
+        features, _ = model.backbone(samples)
+        assert features[-1].tensors.is_contiguous(memory_format=torch.channels_last) == channels_last
+        outputs = model(samples)
+        (outputs["pred_logits"].sum() + outputs["pred_boxes"].sum()).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((model.state_dict(), outputs, grads))
+    (state, outputs, grads), (state_cl, outputs_cl, grads_cl) = results
+    assert list(state) == list(state_cl)
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(outputs_cl[key], outputs[key], rtol=1e-4, atol=1e-5)
+    assert grads.keys() == grads_cl.keys() and any(n.startswith("backbone") for n in grads)
+    for name, grad in grads.items():
+        # relative to the tensor's largest entry: a gradient summed over a batch cancels in places
+        assert (grads_cl[name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
+
+
+def test_frozen_batch_norm_is_torchvisions_in_float32_and_keeps_half_precision():
+    from torchvision.ops.misc import FrozenBatchNorm2d as TorchvisionFrozenBatchNorm2d
+
+    from models.backbone import FrozenBatchNorm2d
+    generator = torch.Generator().manual_seed(0)
+    ours, theirs = FrozenBatchNorm2d(16), TorchvisionFrozenBatchNorm2d(16)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(ours, name).copy_(torch.randn(16, generator=generator))
+    ours.running_var.copy_(torch.rand(16, generator=generator) + 0.1)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 16, 9, 7, generator=generator)
+    assert torch.equal(ours(x), theirs(x))
+    for dtype in (torch.bfloat16, torch.float16):
+        low = ours(x.to(dtype))
+        # torchvision's would return float32; ours stays in the input's dtype, within its rounding
+        assert theirs(x.to(dtype)).dtype == torch.float32 and low.dtype == dtype
+        torch.testing.assert_close(low.float(), theirs(x.to(dtype)), rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+        assert ours(conv(x)).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 17, 23), (4, 32, 64, 64)])

@@ -422,12 +422,26 @@ def test_cpu_backward_is_deterministic_by_default():
 
 
 @needs_extension
+@pytest.mark.parametrize("float32_locations", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cpu_reduced_precision_computes_in_float32(dtype):
+def test_cpu_reduced_precision_computes_in_float32(dtype, float32_locations):
+    """The CPU kernel reads a half-precision value in place but computes exactly as the float32
+    kernel on the widened inputs: the same results, rounded once."""
     inputs = make_inputs(*CASES["basic"], dtype=dtype)
-    assert_matches_reference(inputs, dtype, rtol=2e-2, atol=2e-2)
+    if float32_locations:  # as MSDeformAttn passes them under autocast
+        inputs = (*inputs[:3], inputs[3].float(), inputs[4].float())
+    if not float32_locations:
+        assert_matches_reference(inputs, dtype, rtol=2e-2, atol=2e-2)
     as_float = tuple(t.float() if t.is_floating_point() else t for t in inputs)
     assert torch.equal(ops.ms_deform_attn(*inputs), compiled_op(*as_float).to(dtype))
+    grad_output = torch.randn(inputs[0].shape[0], inputs[3].shape[1], inputs[0].shape[2] * inputs[0].shape[3],
+                              generator=torch.Generator().manual_seed(4)).to(dtype)
+    got = torch.ops.deformable_detr.ms_deform_attn_backward(grad_output, *inputs)
+    want = torch.ops.deformable_detr.ms_deform_attn_backward(grad_output.float(), *as_float)
+    for name, a, b, source in zip(("grad_value", "grad_locations", "grad_weights"), got, want,
+                                  (inputs[0], inputs[3], inputs[4])):
+        assert a.dtype == source.dtype, name
+        assert torch.equal(a, b.to(source.dtype)), name
 
 
 @pytest.mark.cuda

@@ -6,9 +6,13 @@ Takes main.py's flags (model, data, --batch_size, --num_workers, --device) plus 
 
     python tools/benchmark_train.py --coco_path data/coco --batch_size 2 --num_iters 50
     python tools/benchmark_train.py --coco_path data/shapes --amp none bf16 --compare_backends
+    python tools/benchmark_train.py --device cpu --image_size 608 800 --batch_size 1 --compare_backends
 
 It builds the model, optimizer and training DataLoader as main.py does (one process) and times
-:func:`engine.train_step`. ``--amp`` takes several modes and ``--compare_backends`` adds the
+:func:`engine.train_step`. With ``--image_size H W`` it needs no data: every step trains on one
+fixed batch of random ImageNet-normalised images of that size, each with ``--num_boxes`` random
+boxes of random classes (seeded), so that every configuration sees exactly the same work; the
+data time is then zero. ``--amp`` takes several modes and ``--compare_backends`` adds the
 pure-PyTorch sampling core (``MSDA_BACKEND=pytorch``, the original's computation) beside the
 compiled op: each configuration gets ``--warmup`` untimed steps, then ``--rounds`` rounds each time
 ``--num_iters`` steps of every configuration in turn, so that a change in the machine's load hits
@@ -26,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,10 +42,30 @@ from ops import BACKEND_ENV, sampling_backend  # noqa: E402
 from util.errors import InputValueError  # noqa: E402
 from util.flags import cli_parser  # noqa: E402
 from util.logger import format_costs, peak_memory_mb, reset_peak_memory, top_costs  # noqa: E402
-from util.misc import seed_everything  # noqa: E402
+from util.misc import NestedTensor, nested_tensor_from_tensor_list, seed_everything  # noqa: E402
 from util.optim import build_optimizer  # noqa: E402
 
 Config = tuple[str, str]  # (amp, MSDA_BACKEND)
+
+
+def synthetic_batch(batch_size: int, height: int, width: int, num_boxes: int, num_classes: int,
+                    seed: int) -> tuple[NestedTensor, list[dict[str, Tensor]]]:
+    """``batch_size`` random ImageNet-normalised ``(3, height, width)`` images, each with
+    ``num_boxes`` random boxes ``(cx, cy, w, h)`` (normalised, inside the image) of random labels in
+    ``[1, num_classes)``, as the training loader would give them."""
+    generator = torch.Generator().manual_seed(seed)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    images = [(torch.rand(3, height, width, generator=generator) - mean) / std for _ in range(batch_size)]
+    targets = []
+    for i in range(batch_size):
+        size = torch.rand(num_boxes, 2, generator=generator) * 0.4 + 0.05
+        centre = size / 2 + torch.rand(num_boxes, 2, generator=generator) * (1 - size)
+        targets.append({"boxes": torch.cat([centre, size], 1),
+                        "labels": torch.randint(1, num_classes, (num_boxes,), generator=generator),
+                        "image_id": torch.tensor(i), "orig_size": torch.tensor([height, width]),
+                        "size": torch.tensor([height, width])})
+    return nested_tensor_from_tensor_list(images), targets
 
 
 def benchmark(args: argparse.Namespace) -> tuple[dict[Config, dict[str, float]], dict[Config, str]]:
@@ -50,15 +75,21 @@ def benchmark(args: argparse.Namespace) -> tuple[dict[Config, dict[str, float]],
     if args.num_iters < 1 or args.warmup < 0 or args.rounds < 1:
         raise InputValueError(f"need --num_iters >= 1, --warmup >= 0 and --rounds >= 1, got {args.num_iters}, "
                               f"{args.warmup} and {args.rounds}")
+    if args.image_size and (min(args.image_size) < 1 or args.num_boxes < 0):
+        raise InputValueError(f"need a positive --image_size and --num_boxes >= 0, got {args.image_size} and "
+                              f"{args.num_boxes}")
     device = torch.device(args.device)
     seed_everything(args.seed)
     model, criterion, _ = build_model(args)
     model.to(device).train()
     criterion.to(device).train()
     optimizer, _ = build_optimizer(args, model)
-    dataset_train = build_dataset("train", args)
-    loader = build_loaders(dataset_train, dataset_train, args.batch_size, args.num_workers,
-                           pin_memory=device.type == "cuda").train
+    if args.image_size:
+        loader = [synthetic_batch(args.batch_size, *args.image_size, args.num_boxes, args.num_classes, args.seed)]
+    else:
+        dataset_train = build_dataset("train", args)
+        loader = build_loaders(dataset_train, dataset_train, args.batch_size, args.num_workers,
+                               pin_memory=device.type == "cuda").train
     backends = ["compiled", "pytorch"] if args.compare_backends else [os.environ.get(BACKEND_ENV, "auto")]
     configs = [(amp, backend) for amp in args.amp for backend in backends]
     scalers = {amp: torch.amp.GradScaler(device.type) if amp == "fp16" else None for amp in args.amp}
@@ -109,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_iters", default=20, type=int, help="timed iterations per configuration and round")
     parser.add_argument("--warmup", default=3, type=int, help="untimed iterations of each configuration first")
     parser.add_argument("--rounds", default=1, type=int, help="rounds of timed iterations over all configurations")
+    parser.add_argument("--image_size", default=None, type=int, nargs=2, metavar=("H", "W"),
+                        help="train on one fixed batch of random images of this size instead of --coco_path")
+    parser.add_argument("--num_boxes", default=8, type=int, help="boxes per random image (with --image_size)")
     parser.add_argument("--compare_backends", action="store_true",
                         help="also time the pure-PyTorch sampling core (MSDA_BACKEND=pytorch) beside the compiled op")
     parser.add_argument("--profile", action="store_true",
@@ -122,8 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     memory = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
+    data = (f"one fixed batch of random {args.image_size[0]}x{args.image_size[1]} images" if args.image_size
+            else f"{args.num_workers} data workers")
     print(f"device {args.device}, {torch.get_num_threads()} threads, batch size {args.batch_size}, "
-          f"{args.num_workers} data workers, {args.rounds} rounds of {args.num_iters} timed iterations after "
+          f"{data}, {args.rounds} rounds of {args.num_iters} timed iterations after "
           f"{args.warmup} warm-up; medians over the rounds")
     print(f"{'amp':5s} {'sampling':9s} {'s/iter':>8s} {'images/s':>9s} {'data s/iter':>12s} "
           f"{'peak MB':>8s} ({memory})  speed vs first")

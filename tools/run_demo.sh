@@ -13,9 +13,17 @@ start=$(date +%s)
 if [ ! -f "$DATA/annotations/instances_val2017.json" ]; then
     "$PYTHON" tools/make_synthetic_coco.py --out "$DATA" --seed 0
 fi
+# bfloat16 autocast where the CPU computes bfloat16 itself (AVX-512 BF16 or AMX), float32 elsewhere,
+# where bfloat16 runs many times slower (docs/performance.md). An --amp among the extra arguments wins.
+AMP=none
+if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then
+    AMP=bf16
+fi
+echo "Training in $([ "$AMP" = bf16 ] && echo "bfloat16 (--amp bf16: this CPU has AVX-512 BF16 or AMX)" \
+    || echo "float32 (--amp none: this CPU has no AVX-512 BF16 or AMX)")"
 # a fresh run every time: an old log.txt would mix into the curves
 rm -rf "$OUT"
-PYTHON="$PYTHON" ./configs/demo_cpu.sh --coco_path "$DATA" --output_dir "$OUT" "$@"
+PYTHON="$PYTHON" ./configs/demo_cpu.sh --coco_path "$DATA" --output_dir "$OUT" --amp "$AMP" "$@"
 
 "$PYTHON" tools/plot_logs.py "$OUT" --out "$OUT/curves.png"
 val_images=("$DATA"/val2017/*.jpg)

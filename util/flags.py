@@ -122,6 +122,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="also train the backbone's stem and layer1 (the original freezes them)")
     group.add_argument("--backbone_width", default=64, type=int,
                        help="first-stage width of a basic-block ResNet (resnet10/18/34); 64 is torchvision's")
+    group.add_argument("--channels_last", action="store_true",
+                       help="run the backbone in the channels-last (NHWC) memory format, which PyTorch's CPU "
+                            "convolutions and BatchNorm compute faster; results differ from the original's "
+                            "NCHW by float rounding")
     group.add_argument("--finetune", default="", type=str,
                        help="start a new run from this checkpoint's weights (no optimizer, schedule or "
                             "epoch); class heads of another --num_classes are left out")

@@ -38,8 +38,10 @@ def build_optimizer(args: argparse.Namespace, model: nn.Module
     ``StepLR`` dividing every rate by 10 each ``args.lr_drop`` epochs."""
     groups = build_param_groups(model, args.lr, args.lr_backbone, args.lr_backbone_names,
                                 args.lr_linear_proj_names, args.lr_linear_proj_mult)
+    # foreach: the multi-tensor implementation, which PyTorch picks by itself on CUDA; on the CPU it
+    # computes the same values as the per-parameter loop it would pick, with far fewer calls.
     if args.sgd:
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, foreach=True)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, foreach=True)
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)

@@ -3,6 +3,12 @@
 // Forward is parallel over (batch, head, query) items. Backward is parallel over (batch, head)
 // pairs: every scatter-add into grad_value then lands in a slice that only one task writes, and
 // each task visits its queries in a fixed order, so the result is race-free and deterministic.
+//
+// A bfloat16 value is read and written in its own dtype and computed in float32: every element is
+// widened exactly as it is loaded (a shift, which vectorises), sums are kept in float32 and
+// rounded once when stored, so the results are those of the float32 kernel on the widened inputs,
+// without float32 copies of value, grad_output or the output. float16, whose widening has no such
+// shortcut here, is converted to float32 first, with the same results.
 #include "../ms_deform_attn.h"
 #include "../sampling.h"
 
@@ -12,8 +18,12 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <c10/util/bit_cast.h>
+
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace deformable_detr {
@@ -36,33 +46,57 @@ constexpr int64_t kLanes = 8;
 // Roughly how many multiply-adds one parallel chunk should hold before it is worth a thread.
 constexpr int64_t kGrainWork = int64_t(1) << 15;
 
+#if defined(__GNUC__)
+#define MSDA_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define MSDA_ALWAYS_INLINE inline
+#endif
+
+// The type computations run in: float for bfloat16, else the dtype itself.
 template <typename scalar_t>
-inline void axpy(int64_t n, scalar_t alpha, const scalar_t* __restrict__ x,
-                 scalar_t* __restrict__ y) {
+struct Acc {
+  using type = scalar_t;
+};
+template <>
+struct Acc<c10::BFloat16> {
+  using type = float;
+};
+
+// x widened exactly to acc_t; a bfloat16 through its bits, the upper half of a float's.
+template <typename acc_t, typename scalar_t>
+MSDA_ALWAYS_INLINE acc_t widen(scalar_t x) {
+  return static_cast<acc_t>(x);
+}
+template <>
+MSDA_ALWAYS_INLINE float widen<float, c10::BFloat16>(c10::BFloat16 x) {
+  return c10::bit_cast<float>(static_cast<uint32_t>(x.x) << 16);
+}
+
+template <typename acc_t, typename scalar_t>
+inline void axpy(int64_t n, acc_t alpha, const scalar_t* __restrict__ x, acc_t* __restrict__ y) {
   for (int64_t c = 0; c < n; ++c) {
-    y[c] += alpha * x[c];
+    y[c] += alpha * widen<acc_t>(x[c]);
   }
 }
 
 // Returns <g, v> and adds alpha * g to gv, in one pass over the channels.
-template <typename scalar_t>
-inline scalar_t dot_and_axpy(int64_t n, const scalar_t* __restrict__ g,
-                             const scalar_t* __restrict__ v, scalar_t alpha,
-                             scalar_t* __restrict__ gv) {
-  scalar_t lanes[kLanes] = {};
+template <typename acc_t, typename scalar_t>
+inline acc_t dot_and_axpy(int64_t n, const acc_t* __restrict__ g, const scalar_t* __restrict__ v,
+                          acc_t alpha, acc_t* __restrict__ gv) {
+  acc_t lanes[kLanes] = {};
   int64_t c = 0;
   for (; c + kLanes <= n; c += kLanes) {
     for (int64_t j = 0; j < kLanes; ++j) {
-      lanes[j] += g[c + j] * v[c + j];
+      lanes[j] += g[c + j] * widen<acc_t>(v[c + j]);
       gv[c + j] += alpha * g[c + j];
     }
   }
-  scalar_t sum = 0;
+  acc_t sum = 0;
   for (int64_t j = 0; j < kLanes; ++j) {
     sum += lanes[j];
   }
   for (; c < n; ++c) {
-    sum += g[c] * v[c];
+    sum += g[c] * widen<acc_t>(v[c]);
     gv[c] += alpha * g[c];
   }
   return sum;
@@ -118,10 +152,10 @@ constexpr int64_t kAhead = 2;
 // Locates samples [first, first + count) of the (batch, query, head) whose samples start at
 // flat index `base`; prefetches their value rows and, when grad_value_bh is given, their
 // grad_value rows.
-template <typename scalar_t>
-inline void locate_chunk(const scalar_t* locations, int64_t base, int64_t first, int64_t count,
+template <typename acc_t, typename scalar_t>
+inline void locate_chunk(const acc_t* locations, int64_t base, int64_t first, int64_t count,
                          const Levels& lv, const Geometry& g, const scalar_t* value_bh,
-                         scalar_t* grad_value_bh, Corners<scalar_t>* corners, bool* hit) {
+                         acc_t* grad_value_bh, Corners<acc_t>* corners, bool* hit) {
   const int64_t token_stride = g.heads * g.channels;
   int64_t l = first / g.points;
   int64_t p = first % g.points;
@@ -150,13 +184,14 @@ inline void locate_chunk(const scalar_t* locations, int64_t base, int64_t first,
 
 // Forward over items [begin, end) in (batch, head, query) order: a run of consecutive items
 // reads one head's slice of value, which stays in cache far better than all heads of a query.
-template <typename scalar_t>
+// Each item's sum is kept in `acc` (channels elements) and stored once.
+template <typename scalar_t, typename acc_t>
 MSDA_CPU_CLONES void forward_items(int64_t begin, int64_t end, const scalar_t* value,
-                                   const Levels& lv, const scalar_t* locations,
-                                   const scalar_t* weights, scalar_t* output, const Geometry& g) {
+                                   const Levels& lv, const acc_t* locations, const acc_t* weights,
+                                   scalar_t* output, acc_t* acc, const Geometry& g) {
   const int64_t token_stride = g.heads * g.channels;
   const int64_t samples = g.levels * g.points;
-  Corners<scalar_t> corners[kChunk];
+  Corners<acc_t> corners[kChunk];
   bool hit[kChunk];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t q = item % g.queries;
@@ -170,45 +205,46 @@ MSDA_CPU_CLONES void forward_items(int64_t begin, int64_t end, const scalar_t* v
       prefetch<0>(weights + (bqh + kAhead * g.heads) * samples, samples);
     }
     const scalar_t* value_bh = value + b * g.spatial * token_stride + h * g.channels;
-    scalar_t* out = output + bqh * g.channels;
-    std::fill(out, out + g.channels, scalar_t(0));
+    std::fill(acc, acc + g.channels, acc_t(0));
     for (int64_t first = 0; first < samples; first += kChunk) {
       const int64_t count = std::min(kChunk, samples - first);
-      locate_chunk<scalar_t>(locations, bqh * samples, first, count, lv, g, value_bh, nullptr,
-                             corners, hit);
+      locate_chunk(locations, bqh * samples, first, count, lv, g, value_bh,
+                   static_cast<acc_t*>(nullptr), corners, hit);
       for (int64_t i = 0; i < count; ++i) {
         if (!hit[i]) {
           continue;
         }
-        const scalar_t attn = weights[bqh * samples + first + i];
+        const acc_t attn = weights[bqh * samples + first + i];
         for (int k = 0; k < 4; ++k) {
           const int64_t offset = corners[i].offset[k];
           if (offset >= 0) {
-            axpy(g.channels, attn * corners[i].weight[k], value_bh + offset, out);
+            axpy(g.channels, attn * corners[i].weight[k], value_bh + offset, acc);
           }
         }
       }
     }
+    std::copy(acc, acc + g.channels, output + bqh * g.channels);
   }
 }
 
-// Backward over (batch, head) pairs [begin, end).
-template <typename scalar_t>
+// Backward over (batch, head) pairs [begin, end). grad_value is summed in acc_t; a reduced
+// precision grad_output row is widened into `grad_row` (channels elements) first.
+template <typename scalar_t, typename acc_t>
 MSDA_CPU_CLONES void backward_pairs(int64_t begin, int64_t end, const scalar_t* grad_output,
                                     const scalar_t* value, const Levels& lv,
-                                    const scalar_t* locations, const scalar_t* weights,
-                                    scalar_t* grad_value, scalar_t* grad_locations,
-                                    scalar_t* grad_weights, const Geometry& g) {
+                                    const acc_t* locations, const acc_t* weights,
+                                    acc_t* grad_value, acc_t* grad_locations, acc_t* grad_weights,
+                                    acc_t* grad_row, const Geometry& g) {
   const int64_t token_stride = g.heads * g.channels;
   const int64_t samples = g.levels * g.points;
-  Corners<scalar_t> corners[kChunk];
+  Corners<acc_t> corners[kChunk];
   bool hit[kChunk];
   for (int64_t bh = begin; bh < end; ++bh) {
     const int64_t b = bh / g.heads;
     const int64_t h = bh % g.heads;
     const int64_t slice = b * g.spatial * token_stride + h * g.channels;
     const scalar_t* value_bh = value + slice;
-    scalar_t* grad_value_bh = grad_value + slice;
+    acc_t* grad_value_bh = grad_value + slice;
     for (int64_t q = 0; q < g.queries; ++q) {
       const int64_t bqh = (b * g.queries + q) * g.heads + h;
       if (q + kAhead < g.queries) {
@@ -217,19 +253,27 @@ MSDA_CPU_CLONES void backward_pairs(int64_t begin, int64_t end, const scalar_t* 
         prefetch<0>(weights + ahead * samples, samples);
         prefetch<0>(grad_output + ahead * g.channels, g.channels);
       }
-      const scalar_t* grad_out = grad_output + bqh * g.channels;
+      const acc_t* grad_out;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        grad_out = grad_output + bqh * g.channels;
+      } else {
+        for (int64_t c = 0; c < g.channels; ++c) {
+          grad_row[c] = widen<acc_t>(grad_output[bqh * g.channels + c]);
+        }
+        grad_out = grad_row;
+      }
       for (int64_t first = 0; first < samples; first += kChunk) {
         const int64_t count = std::min(kChunk, samples - first);
-        locate_chunk<scalar_t>(locations, bqh * samples, first, count, lv, g, value_bh,
-                               grad_value_bh, corners, hit);
+        locate_chunk(locations, bqh * samples, first, count, lv, g, value_bh, grad_value_bh,
+                     corners, hit);
         for (int64_t i = 0; i < count; ++i) {
           if (!hit[i]) {
             continue;
           }
           const int64_t sample = bqh * samples + first + i;
           const int64_t l = (first + i) / g.points;
-          const scalar_t attn = weights[sample];
-          scalar_t d[4] = {0, 0, 0, 0};
+          const acc_t attn = weights[sample];
+          acc_t d[4] = {0, 0, 0, 0};
           for (int k = 0; k < 4; ++k) {
             const int64_t offset = corners[i].offset[k];
             if (offset >= 0) {
@@ -237,7 +281,7 @@ MSDA_CPU_CLONES void backward_pairs(int64_t begin, int64_t end, const scalar_t* 
                                   attn * corners[i].weight[k], grad_value_bh + offset);
             }
           }
-          const SampleGrad<scalar_t> grad =
+          const SampleGrad<acc_t> grad =
               sample_grad(corners[i], d, attn, lv.height[l], lv.width[l]);
           grad_weights[sample] = grad.attn;
           grad_locations[2 * sample] = grad.x;
@@ -248,25 +292,34 @@ MSDA_CPU_CLONES void backward_pairs(int64_t begin, int64_t end, const scalar_t* 
   }
 }
 
-template <typename scalar_t>
-void forward_kernel(const scalar_t* value, const Levels& lv, const scalar_t* locations,
-                    const scalar_t* weights, scalar_t* output, const Geometry& g) {
+template <typename scalar_t, typename acc_t>
+void forward_kernel(const scalar_t* value, const Levels& lv, const acc_t* locations,
+                    const acc_t* weights, scalar_t* output, const Geometry& g) {
   const int64_t work_per_item = std::max<int64_t>(1, g.levels * g.points * 4 * g.channels);
   at::parallel_for(0, g.batch * g.heads * g.queries,
                    std::max<int64_t>(1, kGrainWork / work_per_item),
                    [&](int64_t begin, int64_t end) {
-                     forward_items(begin, end, value, lv, locations, weights, output, g);
+                     std::vector<acc_t> acc(g.channels);
+                     forward_items(begin, end, value, lv, locations, weights, output, acc.data(),
+                                   g);
                    });
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename acc_t>
 void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const Levels& lv,
-                     const scalar_t* locations, const scalar_t* weights, scalar_t* grad_value,
-                     scalar_t* grad_locations, scalar_t* grad_weights, const Geometry& g) {
+                     const acc_t* locations, const acc_t* weights, acc_t* grad_value,
+                     acc_t* grad_locations, acc_t* grad_weights, const Geometry& g) {
   at::parallel_for(0, g.batch * g.heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> grad_row(std::is_same_v<scalar_t, acc_t> ? 0 : g.channels);
     backward_pairs(begin, end, grad_output, value, lv, locations, weights, grad_value,
-                   grad_locations, grad_weights, g);
+                   grad_locations, grad_weights, grad_row.data(), g);
   });
+}
+
+// The dtype the locations, weights and their gradients are computed in: float32 beside a bfloat16
+// value, else the value's dtype.
+at::ScalarType compute_dtype(at::ScalarType value_dtype) {
+  return value_dtype == at::kBFloat16 ? at::kFloat : value_dtype;
 }
 
 }  // namespace
@@ -276,24 +329,26 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights) {
   check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  if (is_reduced_float(value.scalar_type())) {
+  if (value.scalar_type() == at::kHalf) {
     return ms_deform_attn_forward_cpu(value.to(at::kFloat), spatial_shapes, level_start_index,
                                       sampling_locations.to(at::kFloat),
                                       attention_weights.to(at::kFloat))
-        .to(value.scalar_type());
+        .to(at::kHalf);
   }
   const Geometry g = geometry_of(value, sampling_locations);
   const Levels lv = read_levels(spatial_shapes, level_start_index, g.spatial);
+  const at::ScalarType acc_dtype = compute_dtype(value.scalar_type());
   const at::Tensor value_c = value.contiguous();
-  const at::Tensor locations_c = sampling_locations.contiguous();
-  const at::Tensor weights_c = attention_weights.contiguous();
+  const at::Tensor locations_c = sampling_locations.to(acc_dtype).contiguous();
+  const at::Tensor weights_c = attention_weights.to(acc_dtype).contiguous();
   at::Tensor output = at::empty({g.batch, g.queries, g.heads * g.channels}, value.options());
-  AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    forward_kernel<scalar_t>(value_c.const_data_ptr<scalar_t>(), lv,
-                             locations_c.const_data_ptr<scalar_t>(),
-                             weights_c.const_data_ptr<scalar_t>(),
-                             output.mutable_data_ptr<scalar_t>(), g);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND(
+      at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+        using acc_t = typename Acc<scalar_t>::type;
+        forward_kernel<scalar_t, acc_t>(
+            value_c.const_data_ptr<scalar_t>(), lv, locations_c.const_data_ptr<acc_t>(),
+            weights_c.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), g);
+      });
   return output;
 }
 
@@ -304,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   check_backward_inputs(grad_output, value, spatial_shapes, level_start_index,
                         sampling_locations, attention_weights);
   const at::ScalarType dtype = value.scalar_type();
-  if (is_reduced_float(dtype)) {
+  if (dtype == at::kHalf) {
     auto [grad_value, grad_locations, grad_weights] = ms_deform_attn_backward_cpu(
         grad_output.to(at::kFloat), value.to(at::kFloat), spatial_shapes, level_start_index,
         sampling_locations.to(at::kFloat), attention_weights.to(at::kFloat));
@@ -313,23 +368,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   }
   const Geometry g = geometry_of(value, sampling_locations);
   const Levels lv = read_levels(spatial_shapes, level_start_index, g.spatial);
+  const at::ScalarType acc_dtype = compute_dtype(dtype);
+  const at::TensorOptions acc_options = value.options().dtype(acc_dtype);
   const at::Tensor grad_output_c = grad_output.contiguous();
   const at::Tensor value_c = value.contiguous();
-  const at::Tensor locations_c = sampling_locations.contiguous();
-  const at::Tensor weights_c = attention_weights.contiguous();
-  at::Tensor grad_value = at::zeros(value.sizes(), value.options());
-  at::Tensor grad_locations = at::zeros(sampling_locations.sizes(), value.options());
-  at::Tensor grad_weights = at::zeros(attention_weights.sizes(), value.options());
-  AT_DISPATCH_FLOATING_TYPES(dtype, "ms_deform_attn_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_output_c.const_data_ptr<scalar_t>(),
-                              value_c.const_data_ptr<scalar_t>(), lv,
-                              locations_c.const_data_ptr<scalar_t>(),
-                              weights_c.const_data_ptr<scalar_t>(),
-                              grad_value.mutable_data_ptr<scalar_t>(),
-                              grad_locations.mutable_data_ptr<scalar_t>(),
-                              grad_weights.mutable_data_ptr<scalar_t>(), g);
+  const at::Tensor locations_c = sampling_locations.to(acc_dtype).contiguous();
+  const at::Tensor weights_c = attention_weights.to(acc_dtype).contiguous();
+  at::Tensor grad_value = at::zeros(value.sizes(), acc_options);
+  at::Tensor grad_locations = at::zeros(sampling_locations.sizes(), acc_options);
+  at::Tensor grad_weights = at::zeros(attention_weights.sizes(), acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "ms_deform_attn_backward_cpu", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    backward_kernel<scalar_t, acc_t>(
+        grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(), lv,
+        locations_c.const_data_ptr<acc_t>(), weights_c.const_data_ptr<acc_t>(),
+        grad_value.mutable_data_ptr<acc_t>(), grad_locations.mutable_data_ptr<acc_t>(),
+        grad_weights.mutable_data_ptr<acc_t>(), g);
   });
-  return {grad_value, grad_locations, grad_weights};
+  return {grad_value.to(dtype), grad_locations.to(sampling_locations.scalar_type()),
+          grad_weights.to(attention_weights.scalar_type())};
 }
 
 TORCH_LIBRARY_IMPL(deformable_detr, CPU, m) {
