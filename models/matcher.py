@@ -3,6 +3,7 @@
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -42,23 +43,27 @@ class HungarianMatcher(nn.Module):
         Returns:
             Per image ``(query_indices, target_indices)``, int64 of length ``min(Q, N_i)``.
         """
-        batch, num_queries = outputs["pred_logits"].shape[:2]
-        out_prob = outputs["pred_logits"].flatten(0, 1).sigmoid()
-        out_bbox = outputs["pred_boxes"].flatten(0, 1)
-        tgt_ids = torch.cat([t["labels"] for t in targets])
-        tgt_bbox = torch.cat([t["boxes"] for t in targets])
+        out_prob = outputs["pred_logits"].sigmoid()
+        out_bbox = outputs["pred_boxes"]
+        # Each image's queries against its own targets only, the targets padded to the most any
+        # image has: (B, Q, N_max) costs where the original computed every query of the batch
+        # against every target of the batch, (B * Q, sum N_i), and kept the diagonal blocks. Each
+        # cost is the same float computation, so the matches are the original's (tested).
+        sizes = [len(t["boxes"]) for t in targets]
+        tgt_ids = pad_sequence([t["labels"] for t in targets], batch_first=True)
+        # padding boxes of any valid shape: their costs are never read
+        tgt_bbox = pad_sequence([t["boxes"] for t in targets], batch_first=True, padding_value=0.25)
 
         alpha, gamma = self.focal_alpha, self.focal_gamma
         neg_cost_class = (1 - alpha) * (out_prob ** gamma) * (-(1 - out_prob + 1e-8).log())
         pos_cost_class = alpha * ((1 - out_prob) ** gamma) * (-(out_prob + 1e-8).log())
-        cost_class = pos_cost_class[:, tgt_ids] - neg_cost_class[:, tgt_ids]
+        index = tgt_ids[:, None, :].expand(-1, out_prob.shape[1], -1)
+        cost_class = pos_cost_class.gather(2, index) - neg_cost_class.gather(2, index)
         cost_bbox = torch.cdist(out_bbox, tgt_bbox, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
 
-        cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
-        cost = cost.view(batch, num_queries, -1).cpu()
-        sizes = [len(t["boxes"]) for t in targets]
-        indices = [linear_sum_assignment(c[i]) for i, c in enumerate(cost.split(sizes, -1))]
+        cost = (self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou).cpu()
+        indices = [linear_sum_assignment(cost[i, :, :size]) for i, size in enumerate(sizes)]
         return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
 
 

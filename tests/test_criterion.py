@@ -8,6 +8,7 @@ import torch
 from models.deformable_detr import PostProcess, SetCriterion
 from models.matcher import HungarianMatcher
 from models.position_encoding import PositionEmbeddingSine
+from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from util.misc import NestedTensor
 
 
@@ -85,6 +86,43 @@ def test_matcher_batched_equals_single_and_handles_empty():
     assert batched[1][0].dtype == torch.int64
     empty = matcher(random_outputs(2, 5, 3, seed=4), random_targets([0, 0], 3, seed=5))
     assert all(r.numel() == 0 and c.numel() == 0 for r, c in empty)
+
+
+def original_batched_costs(matcher: HungarianMatcher, outputs: dict, targets: list[dict]) -> list[torch.Tensor]:
+    """The original's cost matrices: every query of the batch against every target of the batch,
+    (B * Q, sum N_i), split into each image's diagonal block."""
+    batch, queries = outputs["pred_logits"].shape[:2]
+    prob = outputs["pred_logits"].flatten(0, 1).sigmoid()
+    boxes = outputs["pred_boxes"].flatten(0, 1)
+    ids = torch.cat([t["labels"] for t in targets])
+    tgt = torch.cat([t["boxes"] for t in targets])
+    neg = 0.75 * (prob ** 2) * (-(1 - prob + 1e-8).log())
+    pos = 0.25 * ((1 - prob) ** 2) * (-(prob + 1e-8).log())
+    cost = (matcher.cost_bbox * torch.cdist(boxes, tgt, p=1) + matcher.cost_class * (pos[:, ids] - neg[:, ids])
+            - matcher.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt)))
+    cost = cost.view(batch, queries, -1)
+    return [c[i] for i, c in enumerate(cost.split([len(t["boxes"]) for t in targets], -1))]
+
+
+@pytest.mark.parametrize("sizes", [[4, 0, 7], [9, 9], [1], [0, 0, 3, 12, 5]])
+def test_matcher_costs_are_the_originals_bit_for_bit(sizes, monkeypatch):
+    """Per-image costs over targets padded to the longest list are the original's batch-wide
+    matrix, block for block and bit for bit, so the assignments are the original's."""
+    import models.matcher as matcher_module
+
+    matcher = HungarianMatcher(2, 5, 2)
+    outputs = random_outputs(len(sizes), 30, 13, seed=sum(sizes))
+    targets = random_targets(sizes, 13, seed=len(sizes))
+    seen = []
+    real = matcher_module.linear_sum_assignment
+    monkeypatch.setattr(matcher_module, "linear_sum_assignment", lambda c: seen.append(torch.as_tensor(c)) or real(c))
+    indices = matcher(outputs, targets)
+    expected = original_batched_costs(matcher, outputs, targets)
+    assert len(seen) == len(expected)
+    for got, want, (rows, cols) in zip(seen, expected, indices):
+        assert got.shape == want.shape and torch.equal(got, want)
+        want_rows, want_cols = real(want)
+        assert rows.tolist() == want_rows.tolist() and cols.tolist() == want_cols.tolist()
 
 
 def test_matcher_rejects_all_zero_costs():
