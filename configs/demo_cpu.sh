@@ -15,7 +15,7 @@ PY_ARGS=("$@")
     --backbone resnet10 --backbone_width 32 --backbone_norm batch --train_backbone_stem \
     --backbone_weights none \
     --hidden_dim 64 --nheads 4 --dim_feedforward 256 --enc_layers 3 --dec_layers 3 \
-    --num_queries 30 --with_box_refine --two_stage --dropout 0 --channels_last \
+    --num_queries 30 --with_box_refine --two_stage --dropout 0 --channels_last --fused_optimizer \
     --lr 1e-3 --lr_backbone 1e-3 --lr_linear_proj_mult 1 \
     --batch_size 16 --epochs 11 --lr_drop 10 \
     --train_scales 128 --crop_resize_scales 128 --crop_size 128 128 --val_scale 128 --max_size 128 \

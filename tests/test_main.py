@@ -202,6 +202,35 @@ def test_optimizer_steps_as_the_per_parameter_loop_bit_for_bit(sgd):
         assert torch.equal(value, models[1][key]), key
 
 
+def test_fused_optimizer_rounds_differently_only_and_resumes_either_way():
+    """--fused_optimizer: PyTorch's fused AdamW, the same update up to rounding; a checkpoint of one
+    implementation resumes into the other, which keeps the implementation the flags chose."""
+    from engine import train_step
+    from util.checkpoint import restore_training_state
+    from util.optim import build_optimizer
+
+    weights, optimizers = [], []
+    for fused in (False, True):
+        args = parse(SMALL_MODEL + ["--lr_backbone", "1e-4"] + (["--fused_optimizer"] if fused else []))
+        torch.manual_seed(0)
+        model, criterion, _ = build_model(args)
+        optimizer, scheduler = build_optimizer(args, model)
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        model.train()
+        for samples, targets in random_batches(torch.Generator().manual_seed(0)):
+            train_step(model, criterion, samples, targets, optimizer, max_norm=0.1)
+        weights.append(model.state_dict())
+        optimizers.append((optimizer, scheduler))
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    (foreach_optimizer, scheduler), (fused_optimizer, _) = optimizers
+    restore_training_state({"optimizer": foreach_optimizer.state_dict(), "lr_scheduler": scheduler.state_dict()},
+                           fused_optimizer, scheduler)
+    assert all(g["fused"] and not g.get("foreach") for g in fused_optimizer.param_groups)
+    fused_optimizer.step()  # the restored state runs in the fused kernel
+
+
 def random_batches(generator: torch.Generator) -> list:
     """Three small training batches of random images and boxes."""
     from util.misc import nested_tensor_from_tensor_list

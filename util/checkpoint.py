@@ -157,8 +157,13 @@ def restore_training_state(checkpoint: Mapping[str, Any], optimizer: torch.optim
                            lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
                            scaler: torch.amp.GradScaler | None = None) -> None:
     """Load a training checkpoint's optimizer, learning-rate schedule and, for a ``scaler``
-    (float16 training), its loss scale; a checkpoint of a run without one leaves the scaler fresh."""
+    (float16 training), its loss scale; a checkpoint of a run without one leaves the scaler fresh.
+    The optimizer keeps the implementation it was built with (``--fused_optimizer`` or not), which
+    ``load_state_dict`` would otherwise take from the checkpoint's groups."""
+    implementation = [{k: group[k] for k in ("foreach", "fused") if k in group} for group in optimizer.param_groups]
     optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, chosen in zip(optimizer.param_groups, implementation):
+        group.update(chosen)
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if scaler is not None and "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])

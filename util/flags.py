@@ -122,6 +122,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="also train the backbone's stem and layer1 (the original freezes them)")
     group.add_argument("--backbone_width", default=64, type=int,
                        help="first-stage width of a basic-block ResNet (resnet10/18/34); 64 is torchvision's")
+    group.add_argument("--fused_optimizer", action="store_true",
+                       help="AdamW / SGD as PyTorch's fused kernel (one call per step): the same update, rounded "
+                            "differently from the original's per-parameter arithmetic; faster, most of all on the CPU")
     group.add_argument("--channels_last", action="store_true",
                        help="run the backbone in the channels-last (NHWC) memory format, which PyTorch's CPU "
                             "convolutions and BatchNorm compute faster; results differ from the original's "
