@@ -12,7 +12,8 @@ It builds the model, optimizer and training DataLoader as main.py does (one proc
 :func:`engine.train_step`. With ``--image_size H W`` it needs no data: every step trains on one
 fixed batch of random ImageNet-normalised images of that size, each with ``--num_boxes`` random
 boxes of random classes (seeded), so that every configuration sees exactly the same work; the
-data time is then zero. ``--amp`` takes several modes and ``--compare_backends`` adds the
+data time is then zero. The backbone starts from random weights (``--backbone_weights none``) unless
+given, since speed does not depend on them. ``--amp`` takes several modes and ``--compare_backends`` adds the
 pure-PyTorch sampling core (``MSDA_BACKEND=pytorch``, the original's computation) beside the
 compiled op: each configuration gets ``--warmup`` untimed steps, then ``--rounds`` rounds each time
 ``--num_iters`` steps of every configuration in turn, so that a change in the machine's load hits
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="then profile each configuration and print its five most expensive operators")
     # Several modes here, side by side, where main.py takes one.
     parser.add_argument("--amp", default=["none"], nargs="+", choices=tuple(AMP_DTYPES), help="mixed-precision modes")
+    # speed does not depend on the weights: a random backbone unless --backbone_weights names some
+    parser.set_defaults(backbone_weights="none")
     args = parser.parse_args(argv)
     try:
         results, costs = benchmark(args)
