@@ -33,13 +33,11 @@ class FrozenBatchNorm2d(tv_misc.FrozenBatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` to the same shape and dtype."""
-        w = self.weight.reshape(1, -1, 1, 1)
-        b = self.bias.reshape(1, -1, 1, 1)
-        rv = self.running_var.reshape(1, -1, 1, 1)
-        rm = self.running_mean.reshape(1, -1, 1, 1)
-        scale = w * (rv + self.eps).rsqrt()
-        bias = b - rm * scale
-        return x * scale.to(x.dtype) + bias.to(x.dtype)
+        # per channel, the statistics folded into one scale and one shift in float32 (torchvision's
+        # operations, element for element), then rounded to the input's dtype
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype)[:, None, None] + shift.to(x.dtype)[:, None, None]
 
 
 NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "batch": nn.BatchNorm2d}

@@ -32,11 +32,13 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torchvision.transforms.functional import normalize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import build_dataset  # noqa: E402
 from datasets.loaders import build_loaders  # noqa: E402
+from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from engine import AMP_DTYPES, to_device, train_step  # noqa: E402
 from models import build_model  # noqa: E402
 from ops import BACKEND_ENV, sampling_backend  # noqa: E402
@@ -55,9 +57,8 @@ def synthetic_batch(batch_size: int, height: int, width: int, num_boxes: int, nu
     ``num_boxes`` random boxes ``(cx, cy, w, h)`` (normalised, inside the image) of random labels in
     ``[1, num_classes)``, as the training loader would give them."""
     generator = torch.Generator().manual_seed(seed)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    images = [(torch.rand(3, height, width, generator=generator) - mean) / std for _ in range(batch_size)]
+    images = [normalize(torch.rand(3, height, width, generator=generator), IMAGENET_MEAN, IMAGENET_STD)
+              for _ in range(batch_size)]
     targets = []
     for i in range(batch_size):
         size = torch.rand(num_boxes, 2, generator=generator) * 0.4 + 0.05

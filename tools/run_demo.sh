@@ -15,12 +15,13 @@ if [ ! -f "$DATA/annotations/instances_val2017.json" ]; then
 fi
 # bfloat16 autocast where the CPU computes bfloat16 itself (AVX-512 BF16 or AMX), float32 elsewhere,
 # where bfloat16 runs many times slower (docs/performance.md). An --amp among the extra arguments wins.
-AMP=none
 if grep -qwE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then
     AMP=bf16
+    echo "Training in bfloat16 (--amp bf16: this CPU has AVX-512 BF16 or AMX)"
+else
+    AMP=none
+    echo "Training in float32 (--amp none: this CPU has no AVX-512 BF16 or AMX)"
 fi
-echo "Training in $([ "$AMP" = bf16 ] && echo "bfloat16 (--amp bf16: this CPU has AVX-512 BF16 or AMX)" \
-    || echo "float32 (--amp none: this CPU has no AVX-512 BF16 or AMX)")"
 # a fresh run every time: an old log.txt would mix into the curves
 rm -rf "$OUT"
 PYTHON="$PYTHON" ./configs/demo_cpu.sh --coco_path "$DATA" --output_dir "$OUT" --amp "$AMP" "$@"

@@ -316,12 +316,6 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const L
   });
 }
 
-// The dtype the locations, weights and their gradients are computed in: float32 beside a bfloat16
-// value, else the value's dtype.
-at::ScalarType compute_dtype(at::ScalarType value_dtype) {
-  return value_dtype == at::kBFloat16 ? at::kFloat : value_dtype;
-}
-
 }  // namespace
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -337,14 +331,14 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   }
   const Geometry g = geometry_of(value, sampling_locations);
   const Levels lv = read_levels(spatial_shapes, level_start_index, g.spatial);
-  const at::ScalarType acc_dtype = compute_dtype(value.scalar_type());
   const at::Tensor value_c = value.contiguous();
-  const at::Tensor locations_c = sampling_locations.to(acc_dtype).contiguous();
-  const at::Tensor weights_c = attention_weights.to(acc_dtype).contiguous();
   at::Tensor output = at::empty({g.batch, g.queries, g.heads * g.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND(
       at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
         using acc_t = typename Acc<scalar_t>::type;
+        constexpr at::ScalarType acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+        const at::Tensor locations_c = sampling_locations.to(acc_dtype).contiguous();
+        const at::Tensor weights_c = attention_weights.to(acc_dtype).contiguous();
         forward_kernel<scalar_t, acc_t>(
             value_c.const_data_ptr<scalar_t>(), lv, locations_c.const_data_ptr<acc_t>(),
             weights_c.const_data_ptr<acc_t>(), output.mutable_data_ptr<scalar_t>(), g);
@@ -368,17 +362,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   }
   const Geometry g = geometry_of(value, sampling_locations);
   const Levels lv = read_levels(spatial_shapes, level_start_index, g.spatial);
-  const at::ScalarType acc_dtype = compute_dtype(dtype);
-  const at::TensorOptions acc_options = value.options().dtype(acc_dtype);
   const at::Tensor grad_output_c = grad_output.contiguous();
   const at::Tensor value_c = value.contiguous();
-  const at::Tensor locations_c = sampling_locations.to(acc_dtype).contiguous();
-  const at::Tensor weights_c = attention_weights.to(acc_dtype).contiguous();
-  at::Tensor grad_value = at::zeros(value.sizes(), acc_options);
-  at::Tensor grad_locations = at::zeros(sampling_locations.sizes(), acc_options);
-  at::Tensor grad_weights = at::zeros(attention_weights.sizes(), acc_options);
+  // Summed in the computation dtype; returned in the dtypes of the inputs they belong to.
+  at::Tensor grad_value, grad_locations, grad_weights;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "ms_deform_attn_backward_cpu", [&] {
     using acc_t = typename Acc<scalar_t>::type;
+    const at::TensorOptions acc_options =
+        value.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor locations_c = sampling_locations.to(acc_options.dtype()).contiguous();
+    const at::Tensor weights_c = attention_weights.to(acc_options.dtype()).contiguous();
+    grad_value = at::zeros(value.sizes(), acc_options);
+    grad_locations = at::zeros(sampling_locations.sizes(), acc_options);
+    grad_weights = at::zeros(attention_weights.sizes(), acc_options);
     backward_kernel<scalar_t, acc_t>(
         grad_output_c.const_data_ptr<scalar_t>(), value_c.const_data_ptr<scalar_t>(), lv,
         locations_c.const_data_ptr<acc_t>(), weights_c.const_data_ptr<acc_t>(),
