@@ -2,6 +2,7 @@
 import argparse
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -343,6 +344,27 @@ def test_benchmark_compares_precisions_and_backends_side_by_side(capsys):
     assert [(r[9], r[11]) for r in rows] == [("none", "compiled"), ("none", "pytorch"), ("bf16", "compiled"),
                                            ("bf16", "pytorch")]
     assert rows[0][-1] == "1.00x"
+
+
+def test_benchmark_times_torch_compile_beside_eager_and_checks_its_outputs(capsys):
+    assert benchmark_tool.main(TINY_MODEL + ["--device", "cpu", "--image_size", "64", "96", "--num_iters", "1",
+                                             "--warmup", "0", "--batch_sizes", "1", "--compare_backends",
+                                             "--torch_compile", "--profile"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.startswith("batch 1:")]
+    assert [r[11] for r in rows] == ["compiled", "pytorch", "compiled+torch.compile"]
+    # each speed also relative to the float32 pure-PyTorch core, which is 1.00x of itself
+    assert [r[12:15] for r in rows][1] == ["vs", "float32", "pytorch"] and rows[1][15] == "1.00x"
+    note = next(line for line in lines if line.startswith("batch 1, amp none, compiled+torch.compile: "))
+    differences = re.findall(r"pred_(?:logits|boxes) (\S+?)(?:,|$)", note)
+    # the same model to float32 rounding, checked against eager
+    assert len(differences) == 2 and all(float(d) < 1e-4 for d in differences)
+    assert float(re.search(r"compilation\) (\S+) s", note).group(1)) > 0
+    profiled = next(line for line in lines if line.startswith("top operators, batch 1, amp none, sampling "
+                                                              "compiled+torch.compile"))
+    # that configuration runs Inductor's graph, and the eager ones do not
+    assert "CompiledFxGraph" in profiled
+    assert not any("CompiledFxGraph" in line for line in lines if line.startswith("top operators") and line != profiled)
 
 
 def test_top_costs_ranks_operators_by_their_own_time():

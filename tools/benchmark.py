@@ -13,12 +13,18 @@ untimed passes, synchronising CUDA around each timed one. ``--amp`` takes severa
 ``--compare_backends`` adds the pure-PyTorch sampling core (``MSDA_BACKEND=pytorch``, the
 original's computation) beside the compiled op; every configuration is timed ``--num_iters``
 passes per round, in turn, for ``--rounds`` rounds, and the median over the rounds is printed with
-the speed relative to the first configuration. The backbone starts from random weights
-(``--backbone_weights none``) unless given, since speed does not depend on them.
+the speed relative to the first configuration and, where it was timed, to the float32 pure-PyTorch
+core. The backbone starts from random weights (``--backbone_weights none``) unless given, since
+speed does not depend on them.
 ``--profile`` then profiles ``--num_iters`` more passes of each PyTorch configuration
 (``torch.profiler``) and prints its five most expensive operators by their own time.
 ``--onnx FILE`` adds a model exported by ``tools/export_onnx.py`` (for the same flags), run by ONNX
-Runtime on the CPU, to the configurations compared.
+Runtime on the CPU, to the configurations compared. ``--torch_compile`` adds, for every batch size
+and ``--amp`` mode, the same model under ``torch.compile`` (inductor, one static graph per batch
+size and mode, with the first backend's sampling core, labelled ``<backend>+torch.compile``):
+Inductor fuses the element-wise work between the matrix products, so it rounds differently from
+eager; its first pass, the compilation, is timed on its own, and its outputs on the fixed batch
+are compared with eager's and the largest difference printed.
 ``--image_size`` defaults to 800x1333 (COCO evaluation size) on CUDA and to 320x480 on CPU.
 ``--device`` defaults to cuda where one is visible, else cpu.
 """
@@ -31,10 +37,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torchvision.transforms.functional import normalize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from engine import AMP_DTYPES, forward  # noqa: E402
 from models import build_model  # noqa: E402
 from ops import BACKEND_ENV, sampling_backend  # noqa: E402
@@ -47,7 +55,8 @@ from util.misc import NestedTensor, nested_tensor_from_tensor_list  # noqa: E402
 GPU_IMAGE_SIZE = (800, 1333)
 CPU_IMAGE_SIZE = (320, 480)
 
-Config = tuple[int, str, str]  # (batch size, amp, MSDA_BACKEND)
+Config = tuple[int, str, str]  # (batch size, amp, MSDA_BACKEND, or another runtime)
+TORCH_COMPILE = "+torch.compile"
 
 
 @torch.no_grad()
@@ -65,9 +74,16 @@ def seconds_per_batch(model: nn.Module, inputs: NestedTensor, num_iters: int, de
     return total / num_iters
 
 
-def benchmark(args: argparse.Namespace) -> tuple[dict[Config, float], dict[Config, str]]:
-    """Images per second (median over the rounds) for each batch size, amp mode and backend, and
-    with ``--profile`` each PyTorch configuration's top five operators (see the module docstring)."""
+def max_difference(outputs: dict[str, Tensor], reference: dict[str, Tensor]) -> str:
+    """The largest absolute difference of the final class logits and boxes, as text."""
+    return ", ".join(f"{key} {(outputs[key].float() - reference[key].float()).abs().max().item():.1e}"
+                     for key in ("pred_logits", "pred_boxes"))
+
+
+def benchmark(args: argparse.Namespace) -> tuple[dict[Config, float], dict[Config, str], dict[Config, str]]:
+    """Images per second (median over the rounds) for each batch size, amp mode and backend; with
+    ``--profile`` each PyTorch configuration's top five operators; and with ``--torch_compile`` each
+    compiled configuration's compilation time and difference from eager (see the module docstring)."""
     if args.num_iters < 1 or args.warmup < 0 or args.rounds < 1:
         raise InputValueError(f"need --num_iters >= 1, --warmup >= 0 and --rounds >= 1, got {args.num_iters}, "
                               f"{args.warmup} and {args.rounds}")
@@ -83,28 +99,45 @@ def benchmark(args: argparse.Namespace) -> tuple[dict[Config, float], dict[Confi
     if args.resume:
         load_weights(model, load_checkpoint(args.resume)["model"], args.resume)
     model.to(device).eval()
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    image = ((torch.rand(3, height, width) - mean) / std).to(device)
+    image = normalize(torch.rand(3, height, width), IMAGENET_MEAN, IMAGENET_STD).to(device)
     backends = ["compiled", "pytorch"] if args.compare_backends else [os.environ.get(BACKEND_ENV, "auto")]
     configs = [(batch, amp, backend) for batch in args.batch_sizes for amp in args.amp for backend in backends]
     inputs = {batch: nested_tensor_from_tensor_list([image] * batch) for batch in args.batch_sizes}
     session = onnx_session(args.onnx) if args.onnx else None
     if session is not None:
         configs += [(batch, "none", "onnxruntime") for batch in args.batch_sizes]
+    # dynamic=False: the fixed input compiles to static shapes; each batch size and mode recompiles.
+    compiled_model = torch.compile(model, dynamic=False) if args.torch_compile else None
+    if compiled_model is not None:
+        configs += [(batch, amp, backends[0] + TORCH_COMPILE) for batch in args.batch_sizes for amp in args.amp]
 
     def run(config: Config, passes: int) -> float:
         batch, amp, backend = config
+        if not passes:
+            return 0.0
+        if backend.endswith(TORCH_COMPILE):
+            with sampling_backend(backend.removesuffix(TORCH_COMPILE)):
+                return seconds_per_batch(compiled_model, inputs[batch], passes, device, AMP_DTYPES[amp])
         if backend == "onnxruntime":
             feed = {"images": inputs[batch].tensors.cpu().numpy(), "mask": inputs[batch].mask.cpu().numpy()}
             start = time.perf_counter()
             for _ in range(passes):
                 session.run(None, feed)
-            return (time.perf_counter() - start) / max(passes, 1)
+            return (time.perf_counter() - start) / passes
         with sampling_backend(backend):
-            return seconds_per_batch(model, inputs[batch], passes, device, AMP_DTYPES[amp]) if passes else 0.0
+            return seconds_per_batch(model, inputs[batch], passes, device, AMP_DTYPES[amp])
 
+    notes = {}
     for config in configs:
+        batch, amp, backend = config
+        if backend.endswith(TORCH_COMPILE):
+            seconds = run(config, 1)
+            sampling = backend.removesuffix(TORCH_COMPILE)
+            with torch.no_grad(), sampling_backend(sampling):
+                eager = forward(model, inputs[batch], AMP_DTYPES[amp])
+                compiled = forward(compiled_model, inputs[batch], AMP_DTYPES[amp])
+            notes[config] = (f"first pass (compilation) {seconds:.1f} s; largest difference from eager "
+                             f"({sampling}): {max_difference(compiled, eager)}")
         run(config, args.warmup)
     seconds: dict[Config, list[float]] = {c: [] for c in configs}
     for _ in range(args.rounds):
@@ -112,7 +145,7 @@ def benchmark(args: argparse.Namespace) -> tuple[dict[Config, float], dict[Confi
             seconds[config].append(run(config, args.num_iters))
     costs = {c: format_costs(top_costs(lambda c=c: run(c, args.num_iters), device))
              for c in configs if args.profile and c[2] != "onnxruntime"}
-    return {config: config[0] / statistics.median(times) for config, times in seconds.items()}, costs
+    return {config: config[0] / statistics.median(times) for config, times in seconds.items()}, costs, notes
 
 
 def onnx_session(path: str):
@@ -143,6 +176,8 @@ def get_parser() -> argparse.ArgumentParser:
                                                    "--dynamic or for --image_size) with ONNX Runtime")
     parser.add_argument("--compare_backends", action="store_true",
                         help="also time the pure-PyTorch sampling core (MSDA_BACKEND=pytorch) beside the compiled op")
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="also time the model under torch.compile (inductor) for every batch size and amp mode")
     parser.add_argument("--profile", action="store_true",
                         help="then profile each configuration and print its five most expensive operators")
     # Several modes here, side by side, where main.py takes one.
@@ -154,7 +189,7 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
     try:
-        results, costs = benchmark(args)
+        results, costs, notes = benchmark(args)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -166,8 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = {}
     for (batch, amp, backend), fps in results.items():
         first.setdefault(batch, fps)
+        # the original's computation, where timed: the float32 pure-PyTorch core
+        original = results.get((batch, "none", "pytorch"))
+        versus = f"  vs float32 pytorch {fps / original:.2f}x" if original else ""
         print(f"batch {batch}: {fps:.2f} images/s ({1000 * batch / fps:.1f} ms per batch)  amp {amp:4s}  "
-              f"sampling {backend:8s}  speed vs first {fps / first[batch]:.2f}x")
+              f"sampling {backend:8s}{versus}  speed vs first {fps / first[batch]:.2f}x")
+    for (batch, amp, backend), line in notes.items():
+        print(f"batch {batch}, amp {amp}, {backend}: {line}")
     for (batch, amp, backend), line in costs.items():
         print(f"top operators, batch {batch}, amp {amp}, sampling {backend}: {line}")
     return 0

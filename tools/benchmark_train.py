@@ -20,8 +20,9 @@ compiled op: each configuration gets ``--warmup`` untimed steps, then ``--rounds
 all alike. It prints the median over the rounds of each configuration's seconds per iteration,
 its data time, its peak memory (``torch.cuda.max_memory_allocated`` on CUDA, the peak resident set
 size on the CPU, both reset before each configuration's steps) and its speed relative to the first
-configuration. ``--profile`` then profiles ``--num_iters`` more steps of each configuration
-(``torch.profiler``) and prints its five most expensive operators by their own time.
+configuration and, where it was timed, to the float32 pure-PyTorch core. ``--profile`` then
+profiles ``--num_iters`` more steps of each configuration (``torch.profiler``) and prints its five
+most expensive operators by their own time.
 """
 import argparse
 import os
@@ -165,12 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {args.device}, {torch.get_num_threads()} threads, batch size {args.batch_size}, "
           f"{data}, {args.rounds} rounds of {args.num_iters} timed iterations after "
           f"{args.warmup} warm-up; medians over the rounds")
+    # the original's computation, where timed: the float32 pure-PyTorch core
+    original = results.get(("none", "pytorch"), {}).get("sec_per_iter")
     print(f"{'amp':5s} {'sampling':9s} {'s/iter':>8s} {'images/s':>9s} {'data s/iter':>12s} "
-          f"{'peak MB':>8s} ({memory})  speed vs first")
+          f"{'peak MB':>8s} ({memory})  " + ("vs float32 pytorch  " if original else "") + "speed vs first")
     first = next(iter(results.values()))["sec_per_iter"]
     for (amp, backend), r in results.items():
+        versus = f"{original / r['sec_per_iter']:.2f}x  " if original else ""
         print(f"{amp:5s} {backend:9s} {r['sec_per_iter']:8.4f} {r['images_per_sec']:9.2f} "
-              f"{r['data_sec_per_iter']:12.4f} {r['peak_mem_mb']:8.0f}  {first / r['sec_per_iter']:.2f}x")
+              f"{r['data_sec_per_iter']:12.4f} {r['peak_mem_mb']:8.0f}  {versus}{first / r['sec_per_iter']:.2f}x")
     for (amp, backend), line in costs.items():
         print(f"top operators, amp {amp}, sampling {backend}: {line}")
     return 0
