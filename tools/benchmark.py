@@ -20,7 +20,7 @@ speed does not depend on them.
 (``torch.profiler``) and prints its five most expensive operators by their own time.
 ``--onnx FILE`` adds a model exported by ``tools/export_onnx.py`` (for the same flags), run by ONNX
 Runtime on the CPU, to the configurations compared. ``--torch_compile`` adds, for every batch size
-and ``--amp`` mode, the same model under ``torch.compile`` (inductor, one static graph per batch
+and ``--amp`` mode, the same model under ``torch.compile`` (Inductor, one static graph per batch
 size and mode, with the first backend's sampling core, labelled ``<backend>+torch.compile``):
 Inductor fuses the element-wise work between the matrix products, so it rounds differently from
 eager; its first pass, the compilation, is timed on its own, and its outputs on the fixed batch
@@ -131,12 +131,12 @@ def benchmark(args: argparse.Namespace) -> tuple[dict[Config, float], dict[Confi
     for config in configs:
         batch, amp, backend = config
         if backend.endswith(TORCH_COMPILE):
-            seconds = run(config, 1)
+            compile_seconds = run(config, 1)
             sampling = backend.removesuffix(TORCH_COMPILE)
             with torch.no_grad(), sampling_backend(sampling):
                 eager = forward(model, inputs[batch], AMP_DTYPES[amp])
                 compiled = forward(compiled_model, inputs[batch], AMP_DTYPES[amp])
-            notes[config] = (f"first pass (compilation) {seconds:.1f} s; largest difference from eager "
+            notes[config] = (f"first pass (compilation) {compile_seconds:.1f} s; largest difference from eager "
                              f"({sampling}): {max_difference(compiled, eager)}")
         run(config, args.warmup)
     seconds: dict[Config, list[float]] = {c: [] for c in configs}
