@@ -406,6 +406,8 @@ def test_benchmark_train_compares_precisions_and_backends_side_by_side(tiny_coco
     assert [(r[0], r[1]) for r in rows] == [("none", "compiled"), ("none", "pytorch"), ("fp16", "compiled"),
                                            ("fp16", "pytorch")]
     assert all(float(r[2]) > 0 and float(r[5]) > 0 for r in rows) and rows[0][-1] == "1.00x"
+    # each speed also relative to the float32 pure-PyTorch core, 1.00x of itself
+    assert "vs float32 pytorch" in lines[1] and rows[1][-2] == "1.00x"
 
 
 def test_benchmark_train_on_a_fixed_random_batch(capsys):
