@@ -422,6 +422,18 @@ def test_cpu_backward_is_deterministic_by_default():
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cpu_forward_for_32_channels_is_the_general_loop_bit_for_bit(dtype):
+    """32 channels per head (the model's) runs a loop instantiated for that count; it gives what
+    the general loop gives for the same channels, here the first 32 of 33."""
+    value, *metadata, locations, weights = make_inputs(2, 60, 3, 33, [(9, 7), (5, 4), (2, 3)], 4, dtype=dtype,
+                                                       spread=0.05)
+    general = ops.ms_deform_attn(value, *metadata, locations, weights).unflatten(-1, (3, 33))
+    fixed = ops.ms_deform_attn(value[..., :32].contiguous(), *metadata, locations, weights).unflatten(-1, (3, 32))
+    assert torch.equal(fixed, general[..., :32])
+
+
+@needs_extension
 @pytest.mark.parametrize("float32_locations", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cpu_reduced_precision_computes_in_float32(dtype, float32_locations):
