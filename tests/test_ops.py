@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 import ops
@@ -423,14 +424,21 @@ def test_cpu_backward_is_deterministic_by_default():
 
 @needs_extension
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_cpu_forward_for_32_channels_is_the_general_loop_bit_for_bit(dtype):
-    """32 channels per head (the model's) runs a loop instantiated for that count; it gives what
-    the general loop gives for the same channels, here the first 32 of 33."""
-    value, *metadata, locations, weights = make_inputs(2, 60, 3, 33, [(9, 7), (5, 4), (2, 3)], 4, dtype=dtype,
+def test_cpu_kernel_for_32_channels_is_the_general_loop_bit_for_bit(dtype):
+    """32 channels per head (the model's) run a forward loop instantiated for that count; forward
+    and backward give what the general loops give for 33 channels whose last one is zero in value
+    and grad_output."""
+    value, *metadata, locations, weights = make_inputs(2, 60, 3, 32, [(9, 7), (5, 4), (2, 3)], 4, dtype=dtype,
                                                        spread=0.05)
-    general = ops.ms_deform_attn(value, *metadata, locations, weights).unflatten(-1, (3, 33))
-    fixed = ops.ms_deform_attn(value[..., :32].contiguous(), *metadata, locations, weights).unflatten(-1, (3, 32))
-    assert torch.equal(fixed, general[..., :32])
+    grad_output = torch.randn(2, 60, 3, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    fixed = ops.ms_deform_attn(value, *metadata, locations, weights)
+    general = ops.ms_deform_attn(F.pad(value, (0, 1)), *metadata, locations, weights)
+    assert torch.equal(fixed.unflatten(-1, (3, 32)), general.unflatten(-1, (3, 33))[..., :32])
+    backward = torch.ops.deformable_detr.ms_deform_attn_backward
+    fixed = backward(grad_output.flatten(2), value, *metadata, locations, weights)
+    general = backward(F.pad(grad_output, (0, 1)).flatten(2), F.pad(value, (0, 1)), *metadata, locations, weights)
+    assert torch.equal(fixed[0], general[0][..., :32])  # grad_value
+    assert torch.equal(fixed[1], general[1]) and torch.equal(fixed[2], general[2])  # locations, weights
 
 
 @needs_extension
