@@ -13,6 +13,7 @@
 #include "../sampling.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -51,16 +52,6 @@ constexpr int64_t kGrainWork = int64_t(1) << 15;
 #else
 #define MSDA_ALWAYS_INLINE inline
 #endif
-
-// The type computations run in: float for bfloat16, else the dtype itself.
-template <typename scalar_t>
-struct Acc {
-  using type = scalar_t;
-};
-template <>
-struct Acc<c10::BFloat16> {
-  using type = float;
-};
 
 // x widened exactly to acc_t; a bfloat16 through its bits, the upper half of a float's.
 template <typename acc_t, typename scalar_t>
@@ -350,7 +341,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   at::Tensor output = at::empty({g.batch, g.queries, g.heads * g.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND(
       at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-        using acc_t = typename Acc<scalar_t>::type;
+        using acc_t = at::opmath_type<scalar_t>;  // float for bfloat16
         constexpr at::ScalarType acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
         const at::Tensor locations_c = sampling_locations.to(acc_dtype).contiguous();
         const at::Tensor weights_c = attention_weights.to(acc_dtype).contiguous();
@@ -382,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   // Summed in the computation dtype; returned in the dtypes of the inputs they belong to.
   at::Tensor grad_value, grad_locations, grad_weights;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "ms_deform_attn_backward_cpu", [&] {
-    using acc_t = typename Acc<scalar_t>::type;
+    using acc_t = at::opmath_type<scalar_t>;  // float for bfloat16
     const at::TensorOptions acc_options =
         value.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     const at::Tensor locations_c = sampling_locations.to(acc_options.dtype()).contiguous();
