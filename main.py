@@ -3,12 +3,11 @@ import argparse
 import os
 import sys
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from util.errors import InputError, InputValueError, ParameterError
-from util.flags import architecture_differences, cli_parser, closest_config, describe_flags
+from util.flags import check_checkpoint_args, cli_parser
 
 # Library parameters whose command-line flag has another name.
 FLAG_OF_PARAMETER = {"weights": "backbone_weights", "norm": "backbone_norm", "base_width": "backbone_width",
@@ -73,23 +72,6 @@ def check_device(device: str) -> None:
         raise InputValueError(f"--device {device} but no CUDA device is visible; pass --device cpu")
     if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
         raise InputValueError(f"--device {device} but only {torch.cuda.device_count()} CUDA devices are visible")
-
-
-def check_checkpoint_args(checkpoint: Mapping[str, Any], args: argparse.Namespace, path: str,
-                          finetune: bool = False) -> None:
-    """A checkpoint's saved flags must describe the model the command line builds (all but
-    ``--num_classes`` when fine-tuning); otherwise name the flags that differ and the ``configs/``
-    script that fits the checkpoint."""
-    saved = checkpoint.get("args")
-    if not isinstance(saved, argparse.Namespace):
-        return
-    differences = architecture_differences(saved, args, ignore=("num_classes",) if finetune else ())
-    if not differences:
-        return
-    listed = ", ".join(f"--{name} (checkpoint: {mine}, here: {theirs})" for name, (mine, theirs) in differences.items())
-    config, extra = closest_config(saved)
-    fits = f"configs/{config}.sh" + (f" with {describe_flags({k: v[0] for k, v in extra.items()})}" if extra else "")
-    raise InputValueError(f"{path} was trained with other architecture flags than these: {listed}. It fits {fits}")
 
 
 def train_and_evaluate(args: argparse.Namespace) -> None:

@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-import main
 from models import build_model
 from tools import convert_checkpoint
 from util.checkpoint import load_checkpoint, load_weights
+from util.flags import check_checkpoint_args
 from util.misc import nested_tensor_from_tensor_list
 
 from helpers import REPO, VARIANT_FLAGS, parse, subprocess_env
@@ -95,8 +95,8 @@ def test_from_transformers(variant, tmp_path, capsys):
     checkpoint = load_checkpoint(tmp_path / "converted.pth")
     args = parse(VARIANT_FLAGS[variant] + ["--backbone_weights", "none"])
     # what --resume/--eval and --finetune check: the saved flags, then every key both ways
-    main.check_checkpoint_args(checkpoint, args, "converted.pth")
-    main.check_checkpoint_args(checkpoint, args, "converted.pth", finetune=True)
+    check_checkpoint_args(checkpoint, args, "converted.pth")
+    check_checkpoint_args(checkpoint, args, "converted.pth", finetune=True)
     ours, _, _ = build_model(args)
     load_weights(ours, checkpoint["model"], "converted.pth")
     assert_same_detections(ours, theirs, batch())

@@ -11,14 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-import main
 from datasets import build_dataset
 from datasets.coco import BadImageError
 from datasets.loaders import build_loaders
 from engine import evaluate
 from models import build_model
 from util.checkpoint import load_checkpoint
-from util.flags import VARIANTS
+from util.flags import VARIANTS, check_checkpoint_args
 
 from helpers import SMALL_MODEL, VARIANT_FLAGS, parse, run_main
 
@@ -65,10 +64,10 @@ def test_every_variants_checkpoint_is_refused_under_every_other_variants_flags(t
     for given in VARIANTS:
         args = parse(VARIANT_FLAGS[given])
         if given == trained:
-            main.check_checkpoint_args(checkpoint, args, "ckpt.pth")
+            check_checkpoint_args(checkpoint, args, "ckpt.pth")
             continue
         with pytest.raises(ValueError) as err:
-            main.check_checkpoint_args(checkpoint, args, "ckpt.pth")
+            check_checkpoint_args(checkpoint, args, "ckpt.pth")
         message = str(err.value)
         assert message.startswith("ckpt.pth was trained with other architecture flags than these: ")
         for flag in ("num_feature_levels", "dilation", "with_box_refine", "two_stage"):
@@ -82,13 +81,13 @@ def test_every_variants_checkpoint_is_refused_under_every_other_variants_flags(t
 
 def test_finetune_allows_another_num_classes_but_no_other_architecture():
     checkpoint = {"model": {}, "args": parse(VARIANT_FLAGS["r50_deformable_detr"])}
-    main.check_checkpoint_args(checkpoint, parse(["--num_classes", "12"]), "c.pth", finetune=True)
+    check_checkpoint_args(checkpoint, parse(["--num_classes", "12"]), "c.pth", finetune=True)
     with pytest.raises(ValueError, match=r"--num_classes \(checkpoint: 91, here: 12\)"):
-        main.check_checkpoint_args(checkpoint, parse(["--num_classes", "12"]), "c.pth")
+        check_checkpoint_args(checkpoint, parse(["--num_classes", "12"]), "c.pth")
     fewer_queries = {"model": {}, "args": parse(["--num_queries", "100"])}
     with pytest.raises(ValueError, match=r"--num_queries \(checkpoint: 100, here: 300\)\. It fits configs/"
                                          r"r50_deformable_detr\.sh with --num_queries 100$"):
-        main.check_checkpoint_args(fewer_queries, parse(["--num_classes", "12"]), "c.pth", finetune=True)
+        check_checkpoint_args(fewer_queries, parse(["--num_classes", "12"]), "c.pth", finetune=True)
 
 
 @pytest.fixture(scope="module")

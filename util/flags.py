@@ -6,7 +6,11 @@ Nothing here imports torch, so ``--help`` and flag errors answer before the heav
 import argparse
 import difflib
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from util.errors import InputValueError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -231,3 +235,20 @@ def describe_flags(values: dict[str, object]) -> str:
         else:
             words.append(f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}")
     return " ".join(words)
+
+
+def check_checkpoint_args(checkpoint: Mapping[str, Any], args: argparse.Namespace, path: str,
+                          finetune: bool = False) -> None:
+    """A checkpoint's saved flags must describe the model the command line builds (all but
+    ``--num_classes`` when fine-tuning); otherwise name the flags that differ and the ``configs/``
+    script that fits the checkpoint."""
+    saved = checkpoint.get("args")
+    if not isinstance(saved, argparse.Namespace):
+        return
+    differences = architecture_differences(saved, args, ignore=("num_classes",) if finetune else ())
+    if not differences:
+        return
+    listed = ", ".join(f"--{name} (checkpoint: {mine}, here: {theirs})" for name, (mine, theirs) in differences.items())
+    config, extra = closest_config(saved)
+    fits = f"configs/{config}.sh" + (f" with {describe_flags({k: v[0] for k, v in extra.items()})}" if extra else "")
+    raise InputValueError(f"{path} was trained with other architecture flags than these: {listed}. It fits {fits}")
