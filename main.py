@@ -84,7 +84,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     from torch import nn
 
     from datasets import build_dataset
-    from datasets.coco import check_num_classes
+    from datasets.coco import check_images, check_num_classes
     from datasets.loaders import build_loaders
     from engine import AMP_DTYPES, evaluate, train_one_epoch
     from models import build_model
@@ -126,6 +126,10 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         device = torch.device(args.device)
         if device.type == "cuda" and env.distributed:
             device = torch.device("cuda", env.local_rank)
+        if args.check_images:
+            # before the seeding below: the check's loader draws from the random generator
+            for dataset in (dataset_val,) if args.eval else (dataset_train, dataset_val):
+                check_images(dataset, args.num_workers, env.rank, env.world_size, report=print_main)
         seed_everything(args.seed + env.rank)
 
         model, criterion, postprocessors = build_model(args)

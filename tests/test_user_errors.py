@@ -16,6 +16,7 @@ from datasets.coco import BadImageError
 from datasets.loaders import build_loaders
 from engine import evaluate
 from models import build_model
+from tools.make_tiny_coco import make_tiny_coco
 from util.checkpoint import load_checkpoint
 from util.flags import VARIANTS, check_checkpoint_args
 
@@ -240,6 +241,144 @@ def test_image_whose_size_disagrees_with_the_annotation_file(coco, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
+# Bad data found before the first step
+
+def first_image(coco: Path, split: str, index: int = 0) -> dict:
+    data = json.loads((coco / "annotations" / f"instances_{split}2017.json").read_text())
+    return sorted(data["images"], key=lambda im: im["id"])[index]
+
+
+def damage_file(path: Path, damage: str) -> None:
+    if damage == "missing":
+        path.unlink()
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "folder":
+        path.unlink()
+        path.mkdir()
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path.write_text("this is not a JPEG")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("damage, problem", [("missing", "missing"), ("empty", "empty"),
+                                             ("folder", "not a regular file")])
+def test_unusable_image_files_stop_the_run_before_anything_is_written(coco, tmp_path, split, damage, problem):
+    image = first_image(coco, split, 1)
+    damage_file(coco / f"{split}2017" / image["file_name"], damage)
+    out = tmp_path / "out"
+    line = expect_user_error(train_argv(coco, out), tmp_path,
+                             f"1 of the {4 if split == 'train' else 3} images under {coco / f'{split}2017'} cannot "
+                             f"be used", f"{image['file_name']} (image id {image['id']}): {problem}")
+    assert line.endswith("; fix or remove them; --skip_bad_images skips such images")
+    assert not out.exists()
+
+
+def test_unusable_files_are_listed_first_five_and_counted(tmp_path):
+    root = make_tiny_coco(tmp_path / "coco", num_train=8, num_val=1)
+    images = sorted(json.loads((root / "annotations" / "instances_train2017.json").read_text())["images"],
+                    key=lambda im: im["id"])
+    for image in images[1:]:
+        (root / "train2017" / image["file_name"]).unlink()
+    with pytest.raises(BadImageError) as err:
+        build_dataset("train", parse(train_argv(root, tmp_path / "o")))
+    named = [f"{im['file_name']} (image id {im['id']}): missing" for im in images[1:6]]
+    assert str(err.value) == (f"7 of the 8 images under {root / 'train2017'} cannot be used (missing, empty or not "
+                              f"regular files): {', '.join(named)} and 2 more; fix or remove them")
+
+
+def test_unusable_files_are_left_out_up_front_with_skip_bad_images(coco, tmp_path):
+    bad_train, bad_val = first_image(coco, "train", 2), first_image(coco, "val", 0)
+    damage_file(coco / "train2017" / bad_train["file_name"], "missing")
+    damage_file(coco / "val2017" / bad_val["file_name"], "empty")
+    with pytest.warns(UserWarning, match=rf"1 of the 4 images .* {bad_train['file_name']} \(image id "
+                                         rf"{bad_train['id']}\): missing; leaving them out"):
+        dataset = build_dataset("train", parse(train_argv(coco, tmp_path / "o", "--skip_bad_images")))
+    assert bad_train["id"] not in dataset.ids and len(dataset) == 3 and dataset.left_out == [bad_train["id"]]
+    assert all(int(dataset[i][1]["image_id"]) != bad_train["id"] for i in range(len(dataset)))
+
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning) as warned:
+        proc = run_main(train_argv(coco, out, "--epochs", "1", "--skip_bad_images"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [str(w.message) for w in warned]
+    assert any(f"{bad_train['file_name']} (image id {bad_train['id']}): missing; leaving them out" in w
+               for w in warnings), warnings
+    assert any(f"{bad_val['file_name']} (image id {bad_val['id']}): empty; leaving them out" in w
+               for w in warnings), warnings
+    # the validation image is counted as left out of the evaluation; the training split lost one batch of 2
+    (log,) = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert log["test_skipped_images"] == 1
+    assert "[0/1]" in proc.stdout and "[1/2]" not in proc.stdout.split("Test:")[0]
+
+
+@pytest.mark.parametrize("split, edit, fragments", [
+    ("train", lambda d: d["images"][1].update(width="640"), ["image {id1} has width '640'", "a positive integer"]),
+    ("val", lambda d: d["images"][0].update(height=0), ["image {id0} has height 0", "a positive integer"]),
+    ("train", lambda d: d["images"][0].update(id="1"), ["images[0] has id '1'; expected an integer"]),
+    ("train", lambda d: d["images"][0].update(file_name=""), ["image {id0} has file_name ''"]),
+    ("train", lambda d: d["annotations"][0].update(iscrowd="no"), ["annotation {ann0} (image {img0}) has iscrowd "
+                                                                   "'no'; expected 0 or 1"]),
+    ("val", lambda d: d["annotations"][0].update(iscrowd=2), ["has iscrowd 2; expected 0 or 1"]),
+    ("train", lambda d: d["annotations"][0].update(area=float("nan")), ["has area nan; expected a finite number"]),
+    ("train", lambda d: d["annotations"][0].update(area="12"), ["has area '12'; expected a finite number"]),
+    ("train", lambda d: d["annotations"][0].pop("area"), ["annotations[0] has no 'area'"]),
+    ("train", lambda d: d["annotations"][0].update(bbox=[1, 2, True, 4]), ["has bbox [1, 2, True, 4]; expected [x, "
+                                                                           "y, width, height]"]),
+    ("train", lambda d: d["categories"][0].pop("id"), ["categories[0] has no integer 'id'"]),
+])
+def test_fields_of_the_wrong_type_stop_at_start_up(coco, tmp_path, split, edit, fragments):
+    data = json.loads((coco / "annotations" / f"instances_{split}2017.json").read_text())
+    names = {"id0": data["images"][0]["id"], "id1": data["images"][1]["id"],
+             "ann0": data["annotations"][0]["id"], "img0": data["annotations"][0]["image_id"]}
+    path = edit_annotations(coco, split, edit)
+    expect_user_error(train_argv(coco, tmp_path / "out"), tmp_path,
+                      f"{path}: ", *(fragment.format(**names) for fragment in fragments))
+
+
+@pytest.mark.parametrize("num_workers", ["0", "2"])
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image", "wrong_size"])
+def test_check_images_finds_undecodable_files_before_anything_is_written(coco, tmp_path, damage, num_workers):
+    image = first_image(coco, "train", 3)
+    path = coco / "train2017" / image["file_name"]
+    if damage == "wrong_size":
+        with Image.open(path) as pil:
+            pil.resize((pil.width + 3, pil.height)).save(path)
+        problem = f"it is {image['width'] + 3}x{image['height']} but the annotation file says"
+    else:
+        damage_file(path, damage)
+        problem = "cannot read it: "
+    out = tmp_path / "out"
+    argv = train_argv(coco, out, "--check_images", "--num_workers", num_workers)
+    expect_user_error(argv, tmp_path, f"1 of the 4 images under {coco / 'train2017'} cannot be used (undecodable, or "
+                                      f"not of the annotated size): {image['file_name']} (image id {image['id']}): "
+                                      f"{problem}")
+    assert not out.exists()
+
+
+def test_check_images_with_skip_bad_images_leaves_them_out_and_trains(coco, tmp_path):
+    bad_train, bad_val = first_image(coco, "train", 0), first_image(coco, "val", 2)
+    damage_file(coco / "train2017" / bad_train["file_name"], "truncated")
+    damage_file(coco / "val2017" / bad_val["file_name"], "not_an_image")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning) as warned:
+        proc = run_main(train_argv(coco, out, "--epochs", "1", "--check_images", "--skip_bad_images",
+                                   "--num_workers", "2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [str(w.message) for w in warned]
+    for split, image in (("train", bad_train), ("val", bad_val)):
+        assert f"checking the images under {coco / f'{split}2017'}: " in proc.stdout
+        assert any(f"{image['file_name']} (image id {image['id']}): cannot read it" in w and "leaving them out" in w
+                   for w in warnings), warnings
+    # found before training, so never met when read
+    assert not any("skipping image" in w for w in warnings), warnings
+    (log,) = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert log["test_skipped_images"] == 1
+
+
+# ------------------------------------------------------------------------------------------
 # Unreadable validation images are left out of the evaluation
 
 class Oracle(torch.nn.Module):
@@ -279,14 +418,19 @@ def evaluate_split(coco: Path, oracle: Oracle, *flags: str) -> dict:
     return stats
 
 
-def test_unreadable_validation_image_is_left_out_like_a_set_without_it(tiny_coco_root, tmp_path, capsys):
+# an empty file is found up front (and left out when the dataset is built), a truncated one when read
+@pytest.mark.parametrize("damage, warning", [("empty", "cannot be used .*{name} .*: empty; leaving them out"),
+                                             ("truncated", "skipping image .*{name}")])
+def test_unreadable_validation_image_is_left_out_like_a_set_without_it(tiny_coco_root, tmp_path, capsys, damage,
+                                                                        warning):
     args = parse(train_argv(tiny_coco_root, tmp_path / "o"))
     oracle = oracle_for(build_dataset("val", args), args.num_queries, args.num_classes)
     data = json.loads((tiny_coco_root / "annotations" / "instances_val2017.json").read_text())
     bad = sorted(data["images"], key=lambda im: im["id"])[1]
 
     damaged = Path(shutil.copytree(tiny_coco_root, tmp_path / "damaged"))
-    (damaged / "val2017" / bad["file_name"]).write_bytes(b"")
+    path = damaged / "val2017" / bad["file_name"]
+    path.write_bytes(b"" if damage == "empty" else path.read_bytes()[:200])
     without = Path(shutil.copytree(tiny_coco_root, tmp_path / "without"))
     (without / "val2017" / bad["file_name"]).unlink()
 
@@ -295,7 +439,7 @@ def test_unreadable_validation_image_is_left_out_like_a_set_without_it(tiny_coco
         d["annotations"] = [a for a in d["annotations"] if a["image_id"] != bad["id"]]
 
     edit_annotations(without, "val", drop)
-    with pytest.warns(UserWarning, match=rf"skipping image .*{bad['file_name']}"):
+    with pytest.warns(UserWarning, match=warning.format(name=bad["file_name"])):
         skipped = evaluate_split(damaged, oracle, "--skip_bad_images")
     assert f"1 of {len(data['images'])} images left out of the evaluation" in capsys.readouterr().out
     reference = evaluate_split(without, oracle)

@@ -139,7 +139,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--auto_resume", action="store_true",
                        help="resume from output_dir/checkpoint.pth when it exists (for preemptible jobs)")
     group.add_argument("--skip_bad_images", action="store_true",
-                       help="warn about and skip images that cannot be read, instead of stopping")
+                       help="leave out images whose files are missing, empty, undecodable or not of the annotated "
+                            "size (with a warning naming them), instead of stopping")
+    group.add_argument("--check_images", action="store_true",
+                       help="decode every image before training (with --num_workers loader processes), so that an "
+                            "undecodable file stops the run (or is left out, with --skip_bad_images) at start-up, "
+                            "not when it is first read; missing and empty files are always found at start-up")
     group.add_argument("--dist_timeout", default=30.0, type=float,
                        help="minutes a process waits for the others in a collective before failing")
     group.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
