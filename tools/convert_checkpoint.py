@@ -438,7 +438,8 @@ def hf_to_ours(hf_state: Mapping[str, Tensor], own: Mapping[str, Tensor], args: 
 
 
 def ours_to_hf(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """``transformers`` weights, under the published key names, of this project's ``state_dict``."""
+    """``transformers`` weights, under the published key names (a learned position embedding also
+    under transformers 5's), of this project's ``state_dict``."""
     hf: dict[str, Tensor] = {}
     for key, value in state.items():
         in_proj = IN_PROJ.match(key)
@@ -560,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_out(args)
         if args.from_hf:
             checkpoint, flags = from_hf(args.from_hf, args.box_heads)
-            names = class_names(_read_hf_config(_hf_files(args.from_hf)[0]), str(args.from_hf))
+            config_path = _hf_files(args.from_hf)[0]
+            names = class_names(_read_hf_config(config_path), str(config_path))
             try:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 save_on_main(checkpoint, args.out)
@@ -581,8 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from safetensors.torch import save_file
 
-            names = names_path(args.to_hf) if args.to_hf.is_file() else None
-            names = names if names and names.is_file() else None
+            # the names file --from_hf writes beside a checkpoint, where there is one
+            names = names_path(args.to_hf) if args.to_hf.is_file() and names_path(args.to_hf).is_file() else None
             config, weights, notes = to_hf(args.to_hf, names)
             try:
                 args.out.mkdir(parents=True, exist_ok=True)
