@@ -299,7 +299,11 @@ def perturb(model, *prefixes: str) -> None:
 
 
 def drop(*prefixes: str):
-    return lambda state: [state.pop(k) for k in list(state) if k.startswith(prefixes)]
+    """An edit for :func:`save_edited` that removes the keys under each prefix."""
+    def edit(state: dict) -> None:
+        for key in [k for k in state if k.startswith(prefixes)]:
+            del state[key]
+    return edit
 
 
 BOX_REFINE_HF = {**TINY_HF, "with_box_refine": True, "tie_word_embeddings": False}
