@@ -177,6 +177,21 @@ def test_export_refuses_flags_against_the_checkpoint_and_missing_weights(tmp_pat
     assert not any((tmp_path / "out").iterdir())
 
 
+def test_a_failed_write_leaves_the_previous_file_or_none(tmp_path):
+    class FullDisk:
+        """Writes part of the file, then fails as a full disk does."""
+
+        def save(self, destination: str, external_data: bool) -> None:
+            Path(destination).write_bytes(b"part of a model")
+            raise OSError(28, "No space left on device")
+
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous export")
+    with pytest.raises(ValueError, match=f"^cannot write --out {out}: No space left on device$"):
+        export_onnx.save(FullDisk(), out)
+    assert out.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
 def test_export_refuses_a_bad_opset(tmp_path, capsys):
     assert export_onnx.main(MODEL + ["--random_weights", "--out", str(tmp_path / "m.onnx"), "--opset", "13"]) == 2
     assert capsys.readouterr().err == "error: --opset 13: GridSample needs opset 16 or later\n"
@@ -211,36 +226,41 @@ def test_metadata_records_what_inference_needs_and_infer_uses_it(static_graph, t
 
 
 def test_static_graph_pads_a_smaller_image_and_refuses_a_larger_one(static_graph, tmp_path, capsys):
-    # 60x100 becomes 77x128 at 96 / 128: 19 rows of padding below it
-    small = save_image(tmp_path / "small.png", 60, 100, seed=1)
-    capsys.readouterr()
-    lines = infer_lines(["--onnx", str(static_graph.path), str(small), "--threshold", "0", "--top_k", "8",
-                         "--out_dir", str(tmp_path / "out")], capsys)
-    # the reference: the PyTorch model on the resized image padded as in a batch with a 96x128 one
-    resized, _ = make_coco_transforms("val", max_size=128, val_size=96)(Image.open(small).convert("RGB"), None)
-    assert resized.shape[1:] == (77, 128)
-    padded, mask = torch.zeros(1, 3, 96, 128), torch.ones(1, 96, 128, dtype=torch.bool)
-    padded[0, :, :77], mask[0, :77] = resized, False
-    with torch.no_grad():
-        want = static_graph.postprocess(static_graph.model(NestedTensor(padded, mask)), torch.tensor([[60, 100]]))[0]
-    # printed to 3 decimals (scores) and 1 decimal (pixels)
-    assert_same_detections(printed_detections(lines, NAMES), {k: v[:8] for k, v in want.items()},
-                           score_tol=1e-3, box_tol=0.1)
+    # at 96 / 128, 60x100 becomes 77x128 (max_size decides: padded below) and 80x100 becomes 96x120
+    # (val_scale decides: padded on the right)
+    for seed, (height, width), resized_shape in ((1, (60, 100), (77, 128)), (3, (80, 100), (96, 120))):
+        small = save_image(tmp_path / f"small{seed}.png", height, width, seed=seed)
+        capsys.readouterr()
+        lines = infer_lines(["--onnx", str(static_graph.path), str(small), "--threshold", "0", "--top_k", "8",
+                             "--out_dir", str(tmp_path / "out")], capsys)
+        # the reference: the PyTorch model on the resized image padded as in a batch with a 96x128 one
+        resized, _ = make_coco_transforms("val", max_size=128, val_size=96)(Image.open(small).convert("RGB"), None)
+        assert resized.shape[1:] == resized_shape
+        padded, mask = torch.zeros(1, 3, 96, 128), torch.ones(1, 96, 128, dtype=torch.bool)
+        padded[0, :, :resized_shape[0], :resized_shape[1]] = resized
+        mask[0, :resized_shape[0], :resized_shape[1]] = False
+        with torch.no_grad():
+            outputs = static_graph.model(NestedTensor(padded, mask))
+            want = static_graph.postprocess(outputs, torch.tensor([[height, width]]))[0]
+        # printed to 3 decimals (scores) and 1 decimal (pixels)
+        assert_same_detections(printed_detections(lines, NAMES), {k: v[:8] for k, v in want.items()},
+                               score_tol=1e-3, box_tol=0.1)
 
     # 100x60 becomes 128x77: taller than the graph. Refused before anything is drawn, the fitting
     # image given first included.
     tall = save_image(tmp_path / "tall.png", 100, 60, seed=2)
     from tools import infer
 
-    assert infer.main(["--onnx", str(static_graph.path), str(small), str(tall), "--out_dir", str(tmp_path / "x")]) == 2
+    assert infer.main(["--onnx", str(static_graph.path), str(small), str(tall), "--out_dir",
+                       str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err == (
         f"error: --onnx {static_graph.path} is a graph for images of at most 96x128 (exported without --dynamic), "
         f"but {tall} is 128x77 after resizing to --val_scale 96 / --max_size 128; export with --dynamic or a "
         f"larger --image_size\n")
     assert not (tmp_path / "x").exists()
     # --val_scale given here replaces the file's
-    assert infer.main(["--onnx", str(static_graph.path), str(small), "--val_scale", "200", "--max_size", "400",
-                       "--out_dir", str(tmp_path / "x")]) == 2
+    assert infer.main(["--onnx", str(static_graph.path), str(tmp_path / "small1.png"), "--val_scale", "200",
+                       "--max_size", "400", "--out_dir", str(tmp_path / "x")]) == 2
     assert "is 200x333 after resizing to --val_scale 200 / --max_size 400" in capsys.readouterr().err
 
 

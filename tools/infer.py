@@ -296,6 +296,7 @@ class OnnxDetector:
                 f"{sizes.val_scale} / --max_size {sizes.max_size}; export with --dynamic or a larger --image_size")
 
     def detect(self, tensor: Tensor, orig_size: tuple[int, int], threshold: float, top_k: int) -> list[Detection]:
+        """Detections in one resized image, which must fit the graph (:meth:`check_fits`)."""
         height, width = tensor.shape[-2:]
         padded = self.size or (height, width)
         images = np.zeros((1, 3, *padded), dtype=np.float32)
