@@ -17,11 +17,11 @@ With ``--onnx`` the model is a file written by ``tools/export_onnx.py``, run by 
 neither this repository's model code nor the compiled op is needed. The evaluation sizes and the
 class names come from the file's metadata, where the export recorded them (800 / 1333 and numeric
 labels for a file without). A graph exported without ``--dynamic`` is for one size: a smaller
-resized image is padded up to it (zeros, marked in the mask, as in a batch with a larger image),
-a larger one is refused before anything is written. The model's outputs depend slightly on
-the padding (the backbone's convolutions and the deformable sampling near the right and bottom
-edges see it), so such a graph's detections are the checkpoint's on the padded image, not on the
-image alone; a ``--dynamic`` graph gives the latter.
+resized image is padded up to it (zeros, marked in the mask, as in a batch with a larger image), a
+larger one is refused before anything is written. The model's outputs depend on the padding (the
+backbone's convolutions and the deformable sampling near the right and bottom edges see it), so
+such a graph's detections are the checkpoint's on the padded image, not on the image alone; a
+``--dynamic`` graph gives the latter.
 
 For each image it prints a header line and one line per detection whose score exceeds
 ``--threshold`` (best first, at most ``--top_k``)::
