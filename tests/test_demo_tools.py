@@ -326,7 +326,39 @@ def test_infer_says_when_no_detection_passes_for_sampling_points(checkpoints, wi
     assert "0 detections above 1.0" in out and "no sampling points drawn" in out
 
 
+def test_infer_val_scale_and_max_size_replace_the_checkpoints(checkpoints, wide_image, tmp_path, capsys):
+    """Given here, the evaluation sizes act as a checkpoint trained with them would."""
+    checkpoint = torch.load(checkpoints[MULTI_SCALE], weights_only=False)
+    checkpoint["args"].val_scale, checkpoint["args"].max_size = 64, 96
+    torch.save(checkpoint, tmp_path / "small.pth")
+    common = [str(wide_image), "--threshold", "0", "--top_k", "5", "--out_dir", str(tmp_path)]
+    assert infer.main(["--resume", str(tmp_path / "small.pth"), *common]) == 0
+    want = _parse_detections(capsys.readouterr().out)
+    assert infer.main(["--resume", str(checkpoints[MULTI_SCALE]), "--val_scale", "64", "--max_size", "96",
+                       *common]) == 0
+    given = _parse_detections(capsys.readouterr().out)
+    assert infer.main(["--resume", str(checkpoints[MULTI_SCALE]), *common]) == 0
+    assert len(given) == 5 and given == want != _parse_detections(capsys.readouterr().out)
+
+
 # ----- benchmark -----
+
+def test_benchmark_loads_only_a_checkpoint_of_its_flags(tmp_path, capsys):
+    torch.manual_seed(0)
+    model, _, _ = build_model(parse(TINY_MODEL))
+    torch.save({"model": model.state_dict(), "args": parse(TINY_MODEL)}, tmp_path / "same.pth")
+    common = TINY_MODEL + ["--device", "cpu", "--image_size", "64", "96", "--batch_sizes", "1", "--num_iters", "1",
+                           "--warmup", "0"]
+    assert benchmark_tool.main(common + ["--resume", str(tmp_path / "same.pth")]) == 0
+    capsys.readouterr()
+    # DC5: the same weight names and shapes, so only the saved args tell
+    torch.save({"model": model.state_dict(), "args": parse(TINY_MODEL + ["--dilation"])}, tmp_path / "dc5.pth")
+    assert benchmark_tool.main(common + ["--resume", str(tmp_path / "dc5.pth")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'dc5.pth'} was trained with other architecture flags than these: "
+                          f"--dilation (checkpoint: True, here: False). It fits configs/") and err.count("\n") == 1
+
+
 
 def test_benchmark_prints_fps(capsys):
     benchmark_tool.main(TINY_MODEL + ["--device", "cpu", "--image_size", "64", "96", "--num_iters", "1",
@@ -429,6 +461,12 @@ def test_benchmark_train_on_a_fixed_random_batch(capsys):
     assert [(r[0], r[1]) for r in rows] == [("none", "compiled"), ("none", "pytorch")]
     assert float(rows[0][4]) == 0.0 and float(rows[1][2]) > 0
     assert benchmark_train.main(TINY_MODEL + ["--device", "cpu", "--image_size", "0", "96"]) == 2
+    capsys.readouterr()
+    # it would train from fresh weights anyway: a checkpoint is refused, not ignored
+    assert benchmark_train.main(argv + ["--resume", "checkpoint.pth"]) == 2
+    assert capsys.readouterr().err == ("error: --resume checkpoint.pth: the benchmark times training steps of a "
+                                       "freshly built model and loads no checkpoint, since speed does not depend on "
+                                       "the weights\n")
 
 
 def test_infer_draw_scale_enlarges_picture_and_boxes(checkpoints, wide_image, tmp_path, capsys):

@@ -1,8 +1,9 @@
 """Measure inference speed (images per second) of a Deformable DETR configuration, for one or
 several precisions and sampling backends side by side.
 
-Takes main.py's model flags (variant, backbone, sizes, ``--device``, ``--resume`` for weights)
-plus ``--batch_sizes``, ``--num_iters``, ``--warmup``, ``--rounds`` and ``--image_size H W``, e.g.::
+Takes main.py's model flags (variant, backbone, sizes, ``--device``, ``--resume`` for weights,
+which must be of the model the flags describe) plus ``--batch_sizes``, ``--num_iters``,
+``--warmup``, ``--rounds`` and ``--image_size H W``, e.g.::
 
     python tools/benchmark.py --with_box_refine --two_stage --device cuda
     python tools/benchmark.py --device cpu --image_size 608 800 --amp none bf16 --compare_backends
@@ -18,8 +19,9 @@ core. The backbone starts from random weights (``--backbone_weights none``) unle
 speed does not depend on them.
 ``--profile`` then profiles ``--num_iters`` more passes of each PyTorch configuration
 (``torch.profiler``) and prints its five most expensive operators by their own time.
-``--onnx FILE`` adds a model exported by ``tools/export_onnx.py`` (for the same flags), run by ONNX
-Runtime on the CPU, to the configurations compared. ``--torch_compile`` adds, for every batch size
+``--onnx FILE`` adds a model exported by ``tools/export_onnx.py`` (of the model the flags describe,
+which the file's metadata must confirm where it records it), run by ONNX Runtime on the CPU, to
+the configurations compared. ``--torch_compile`` adds, for every batch size
 and ``--amp`` mode, the same model under ``torch.compile`` (Inductor, one static graph per batch
 size and mode, with the first backend's sampling core, labelled ``<backend>+torch.compile``):
 Inductor fuses the element-wise work between the matrix products, so it rounds differently from
@@ -29,6 +31,7 @@ are compared with eager's and the largest difference printed.
 ``--device`` defaults to cuda where one is visible, else cpu.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -48,7 +51,7 @@ from models import build_model  # noqa: E402
 from ops import BACKEND_ENV, sampling_backend  # noqa: E402
 from util.checkpoint import load_checkpoint, load_weights  # noqa: E402
 from util.errors import InputError, InputValueError  # noqa: E402
-from util.flags import cli_parser  # noqa: E402
+from util.flags import architecture_differences, check_checkpoint_args, cli_parser  # noqa: E402
 from util.logger import format_costs, top_costs  # noqa: E402
 from util.misc import NestedTensor, nested_tensor_from_tensor_list  # noqa: E402
 
@@ -94,16 +97,20 @@ def benchmark(args: argparse.Namespace) -> tuple[dict[Config, float], dict[Confi
         raise InputValueError(f"--device {args.device} but no CUDA device is visible; pass --device cpu")
     height, width = args.image_size or (GPU_IMAGE_SIZE if device.type == "cuda" else CPU_IMAGE_SIZE)
 
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        check_checkpoint_args(checkpoint, args, args.resume)
+    session = onnx_session(args.onnx, args) if args.onnx else None
+
     torch.manual_seed(args.seed)
     model, _, _ = build_model(args)
-    if args.resume:
-        load_weights(model, load_checkpoint(args.resume)["model"], args.resume)
+    if checkpoint is not None:
+        load_weights(model, checkpoint["model"], args.resume)
     model.to(device).eval()
     image = normalize(torch.rand(3, height, width), IMAGENET_MEAN, IMAGENET_STD).to(device)
     backends = ["compiled", "pytorch"] if args.compare_backends else [os.environ.get(BACKEND_ENV, "auto")]
     configs = [(batch, amp, backend) for batch in args.batch_sizes for amp in args.amp for backend in backends]
     inputs = {batch: nested_tensor_from_tensor_list([image] * batch) for batch in args.batch_sizes}
-    session = onnx_session(args.onnx) if args.onnx else None
     if session is not None:
         configs += [(batch, "none", "onnxruntime") for batch in args.batch_sizes]
     # dynamic=False: the fixed input compiles to static shapes; each batch size and mode recompiles.
@@ -148,9 +155,9 @@ def benchmark(args: argparse.Namespace) -> tuple[dict[Config, float], dict[Confi
     return {config: config[0] / statistics.median(times) for config, times in seconds.items()}, costs, notes
 
 
-def onnx_session(path: str):
+def onnx_session(path: str, args: argparse.Namespace):
     """An ONNX Runtime session (CPU) of a model exported by tools/export_onnx.py without
-    post-processing, for the same variant and flags as the PyTorch side."""
+    post-processing, for the same architecture flags as the PyTorch side where the file records them."""
     import onnxruntime
 
     if not Path(path).is_file():
@@ -159,6 +166,17 @@ def onnx_session(path: str):
     if [i.name for i in session.get_inputs()] != ["images", "mask"]:
         raise InputValueError(f"--onnx {path}: expected the inputs images and mask (an export without "
                               f"--with_postprocess), got {[i.name for i in session.get_inputs()]}")
+    recorded = session.get_modelmeta().custom_metadata_map.get("model_args")
+    if recorded is not None:
+        try:
+            exported = argparse.Namespace(**json.loads(recorded))
+        except (json.JSONDecodeError, TypeError):
+            raise InputValueError(f"--onnx {path}: its metadata model_args is not a JSON object") from None
+        differences = architecture_differences(exported, args)
+        if differences:
+            listed = ", ".join(f"--{name} (file: {mine}, here: {theirs})"
+                               for name, (mine, theirs) in differences.items())
+            raise InputValueError(f"--onnx {path} was exported from another model than these flags build: {listed}")
     return session
 
 

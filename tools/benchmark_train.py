@@ -13,7 +13,8 @@ It builds the model, optimizer and training DataLoader as main.py does (one proc
 fixed batch of random ImageNet-normalised images of that size, each with ``--num_boxes`` random
 boxes of random classes (seeded), so that every configuration sees exactly the same work; the
 data time is then zero. The backbone starts from random weights (``--backbone_weights none``) unless
-given, since speed does not depend on them. ``--amp`` takes several modes and ``--compare_backends`` adds the
+given, since speed does not depend on them; the model loads no checkpoint (``--resume`` and
+``--finetune`` are refused). ``--amp`` takes several modes and ``--compare_backends`` adds the
 pure-PyTorch sampling core (``MSDA_BACKEND=pytorch``, the original's computation) beside the
 compiled op: each configuration gets ``--warmup`` untimed steps, then ``--rounds`` rounds each time
 ``--num_iters`` steps of every configuration in turn, so that a change in the machine's load hits
@@ -81,6 +82,10 @@ def benchmark(args: argparse.Namespace) -> tuple[dict[Config, dict[str, float]],
     if args.image_size and (min(args.image_size) < 1 or args.num_boxes < 0):
         raise InputValueError(f"need a positive --image_size and --num_boxes >= 0, got {args.image_size} and "
                               f"{args.num_boxes}")
+    for flag in ("resume", "finetune"):
+        if getattr(args, flag):
+            raise InputValueError(f"--{flag} {getattr(args, flag)}: the benchmark times training steps of a freshly "
+                                  f"built model and loads no checkpoint, since speed does not depend on the weights")
     device = torch.device(args.device)
     seed_everything(args.seed)
     model, criterion, _ = build_model(args)

@@ -5,17 +5,23 @@ Usage::
     python tools/infer.py --resume exps/run/checkpoint.pth IMAGE_OR_FOLDER [...]
         [--threshold 0.5] [--top_k 100] [--device cpu|cuda] [--out_dir detections]
         [--coco_path data/shapes | --class_names names.json] [--show_sampling_points]
-    python tools/infer.py --onnx model.onnx IMAGE_OR_FOLDER [...] [--val_scale 800 --max_size 1333] [...]
-
-With ``--onnx`` the model is a file written by ``tools/export_onnx.py``, run by ONNX Runtime, so
-neither this repository's model code nor the compiled op is needed; images are prepared exactly as
-for a checkpoint, with ``--val_scale`` and ``--max_size`` standing in for its training arguments.
+    python tools/infer.py --onnx model.onnx IMAGE_OR_FOLDER [...]
 
 The model is rebuilt from the checkpoint's own training arguments (``checkpoint['args']``), so
 every variant (single/multi-scale, box refinement, two-stage) loads as trained, and each image is
-resized as that training's evaluation did (``--val_scale`` / ``--max_size``, or the original's
-800 / 1333 for checkpoints without them, such as the original's own). A folder contributes its
-image files (not recursively).
+resized as that training's evaluation did (its ``--val_scale`` / ``--max_size``, or the original's
+800 / 1333 for checkpoints without them, such as the original's own); ``--val_scale`` and
+``--max_size`` given here replace them. A folder contributes its image files (not recursively).
+
+With ``--onnx`` the model is a file written by ``tools/export_onnx.py``, run by ONNX Runtime, so
+neither this repository's model code nor the compiled op is needed. The evaluation sizes and the
+class names come from the file's metadata, where the export recorded them (800 / 1333 and numeric
+labels for a file without). A graph exported without ``--dynamic`` is for one size: a smaller
+resized image is padded up to it (zeros, marked in the mask, as in a batch with a larger image), a
+larger one is refused before anything is written. The model's outputs depend on the padding (the
+backbone's convolutions and the deformable sampling near the right and bottom edges see it), so
+such a graph's detections are the checkpoint's on the padded image, not on the image alone; a
+``--dynamic`` graph gives the latter.
 
 For each image it prints a header line and one line per detection whose score exceeds
 ``--threshold`` (best first, at most ``--top_k``)::
@@ -25,8 +31,9 @@ For each image it prints a header line and one line per detection whose score ex
 in original-image pixels, and writes ``<out_dir>/<image stem>_det.png``: the image with the
 boxes and labels drawn. Class names come from ``--coco_path``'s annotation categories, or from
 ``--class_names`` (a JSON file or inline JSON: a list indexed by label, an ``{id: name}`` object,
-or a COCO annotation file), else the numeric label is printed; whitespace in names is printed as
-``_`` so every line splits into six fields.
+or a COCO annotation file), else from the ONNX file's metadata or the checkpoint's
+``<stem>.names.json`` beside it (as ``tools/convert_checkpoint.py`` writes), else the numeric
+label is printed; whitespace in names is printed as ``_`` so every line splits into six fields.
 
 With ``--show_sampling_points``, the ``--num_sampling_dets`` best detections also get the
 sampling locations of their query in the last decoder layer's cross-attention (every head, level
@@ -51,7 +58,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.transforms import make_coco_transforms  # noqa: E402
+from datasets.transforms import get_size_with_aspect_ratio, make_coco_transforms  # noqa: E402
 from engine import AMP_DTYPES, forward  # noqa: E402
 from models import build_model  # noqa: E402
 from util import box_ops  # noqa: E402
@@ -115,6 +122,13 @@ def class_names_from(coco_path: str | None, class_names: str | None) -> dict[int
         except json.JSONDecodeError:
             raise InputValueError(f"--class_names {class_names!r} is neither a file nor valid JSON") from None
     return {}
+
+
+def sidecar_names(checkpoint_path: PathLike | None) -> dict[int, str]:
+    """Label -> name from ``<stem>.names.json`` beside a checkpoint (see ``tools/convert_checkpoint.py``);
+    empty when there is none."""
+    sidecar = Path(checkpoint_path).with_suffix(".names.json") if checkpoint_path else None
+    return class_names_from(None, str(sidecar)) if sidecar is not None and sidecar.is_file() else {}
 
 
 def _names_from_json(data: Any, source: str) -> dict[int, str]:
@@ -234,7 +248,8 @@ def draw_detections(image: Image.Image, detections: Sequence[Detection], names: 
 
 
 class OnnxDetector:
-    """A model exported by tools/export_onnx.py, run by ONNX Runtime on one image at a time."""
+    """A model exported by tools/export_onnx.py, run by ONNX Runtime on one image at a time, with
+    what its metadata records."""
 
     def __init__(self, path: PathLike):
         import onnxruntime
@@ -247,14 +262,48 @@ class OnnxDetector:
             raise InputValueError(f"--onnx {path} is not an ONNX model ONNX Runtime can run: {err}") from None
         self.path = path
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.size = self.session.get_inputs()[0].shape[2:]  # ints when the graph is for one size
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        shape = self.session.get_inputs()[0].shape[2:]
+        # the graph's only image size, or None for a dynamic graph (symbolic dimensions are strings)
+        self.size = tuple(shape) if all(isinstance(d, int) for d in shape) else None
+
+    def recorded_size(self, key: str, default: int) -> int:
+        """The evaluation size ``key`` (``val_scale`` or ``max_size``) the export recorded, else ``default``."""
+        value = self.metadata.get(key)
+        if value is None:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise InputValueError(f"--onnx {self.path}: its metadata {key} {value!r} is not an integer") from None
+
+    def recorded_names(self) -> dict[int, str]:
+        """The class names the export recorded; empty when none."""
+        value = self.metadata.get("class_names")
+        if value is None:
+            return {}
+        try:
+            return _names_from_json(json.loads(value), f"--onnx {self.path}'s metadata class_names")
+        except json.JSONDecodeError:
+            raise InputValueError(f"--onnx {self.path}: its metadata class_names is not JSON") from None
+
+    def check_fits(self, height: int, width: int, image: PathLike, sizes: argparse.Namespace) -> None:
+        """A graph for one size takes an image of at most that size after resizing (it is padded)."""
+        if self.size is not None and (height > self.size[0] or width > self.size[1]):
+            raise InputValueError(
+                f"--onnx {self.path} is a graph for images of at most {self.size[0]}x{self.size[1]} (exported "
+                f"without --dynamic), but {image} is {height}x{width} after resizing to --val_scale "
+                f"{sizes.val_scale} / --max_size {sizes.max_size}; export with --dynamic or a larger --image_size")
 
     def detect(self, tensor: Tensor, orig_size: tuple[int, int], threshold: float, top_k: int) -> list[Detection]:
+        """Detections in one resized image, which must fit the graph (:meth:`check_fits`)."""
         height, width = tensor.shape[-2:]
-        if all(isinstance(d, int) for d in self.size) and list(self.size) != [height, width]:
-            raise InputValueError(f"--onnx {self.path} is a graph for {self.size[0]}x{self.size[1]} images, but "
-                                  f"this one is {height}x{width} after resizing; export with --dynamic")
-        feed = {"images": tensor[None].numpy(), "mask": np.zeros((1, height, width), dtype=bool)}
+        padded = self.size or (height, width)
+        images = np.zeros((1, 3, *padded), dtype=np.float32)
+        images[0, :, :height, :width] = tensor.numpy()
+        mask = np.ones((1, *padded), dtype=bool)
+        mask[0, :height, :width] = False
+        feed = {"images": images, "mask": mask}
         if "orig_sizes" in self.inputs:  # exported with --with_postprocess
             feed["orig_sizes"] = np.array([orig_size], dtype=np.int64)
             scores, labels, boxes = (torch.from_numpy(a[0]) for a in self.session.run(None, feed))
@@ -263,6 +312,16 @@ class OnnxDetector:
         logits, boxes = self.session.run(None, feed)
         return select_detections({"pred_logits": torch.from_numpy(logits), "pred_boxes": torch.from_numpy(boxes)},
                                  orig_size, threshold, top_k)
+
+
+def resized_size(path: Path, sizes: argparse.Namespace) -> tuple[int, int]:
+    """``(h, w)`` of an image after evaluation's resize to ``sizes.val_scale`` / ``sizes.max_size``,
+    from its header alone."""
+    try:
+        with Image.open(path) as image:
+            return get_size_with_aspect_ratio(image.size, sizes.val_scale, sizes.max_size)
+    except OSError as e:
+        raise InputValueError(f"cannot read image {path}: {e}") from None
 
 
 def infer_image(model: nn.Module, args: argparse.Namespace, path: Path, device: torch.device, threshold: float,
@@ -317,10 +376,11 @@ def infer(argv: list[str] | None = None) -> None:
     model_source.add_argument("--resume", help="checkpoint written by main.py")
     model_source.add_argument("--onnx", help="a model exported by tools/export_onnx.py, run with ONNX Runtime "
                                              "(no model code or op needed; no --show_sampling_points)")
-    parser.add_argument("--val_scale", default=800, type=int,
-                        help="with --onnx: the evaluation short side the images are resized to")
-    parser.add_argument("--max_size", default=1333, type=int,
-                        help="with --onnx: the longest side after resizing")
+    parser.add_argument("--val_scale", default=None, type=int,
+                        help="the short side the images are resized to (default: the training's, from the "
+                             "checkpoint or the ONNX file's metadata, else 800)")
+    parser.add_argument("--max_size", default=None, type=int,
+                        help="the longest side after resizing (default: the training's, else 1333)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--threshold", default=0.5, type=float, help="print and draw scores above this")
     parser.add_argument("--top_k", default=100, type=int, help="at most this many detections per image")
@@ -343,6 +403,9 @@ def infer(argv: list[str] | None = None) -> None:
         parser.error(f"--top_k must be >= 1, got {args.top_k}")
     if args.draw_scale <= 0:
         parser.error(f"--draw_scale must be positive, got {args.draw_scale}")
+    for flag in ("val_scale", "max_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")
     if args.num_sampling_dets < 0:
         parser.error(f"--num_sampling_dets must be >= 0, got {args.num_sampling_dets}")
     if args.onnx and args.show_sampling_points:
@@ -354,9 +417,19 @@ def infer(argv: list[str] | None = None) -> None:
     names = class_names_from(args.coco_path, args.class_names)
     paths = image_paths(args.inputs)
     if args.onnx:
-        model, train_args = OnnxDetector(args.onnx), args
+        model = OnnxDetector(args.onnx)
+        train_args = argparse.Namespace(val_scale=model.recorded_size("val_scale", 800),
+                                        max_size=model.recorded_size("max_size", 1333))
+        names = names or model.recorded_names()
     else:
         model, train_args = load_model(args.resume, device)
+        names = names or sidecar_names(args.resume)
+    for flag in ("val_scale", "max_size"):
+        if getattr(args, flag) is not None:
+            setattr(train_args, flag, getattr(args, flag))
+    if args.onnx:  # every image must fit a graph for one size before any is drawn
+        for path in paths:
+            model.check_fits(*resized_size(path, train_args), path, train_args)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     num_sampling_dets = args.num_sampling_dets if args.show_sampling_points else 0
