@@ -3,13 +3,14 @@ import contextlib
 import io
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from datasets.coco_eval import CocoEvaluator
-from util.dist import is_main_process, reduce_dict
+from util.dist import get_world_size, is_main_process, reduce_dict
 from util.logger import MetricLogger, SmoothedValue, print_main
 from util.misc import NestedTensor, full_precision
 
@@ -19,8 +20,37 @@ Targets = list[dict[str, Any]]
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteError(FloatingPointError):
+    """Training or evaluation met a NaN or infinite value and must stop (``main.py`` exits with 1)."""
+
+
+class NonFiniteLossError(NonFiniteError):
     """The weighted loss (averaged over processes) is NaN or infinite; training must stop."""
+
+
+class NonFinitePredictionError(NonFiniteError):
+    """The model's outputs (on some process) hold NaN or infinite values: a diverged model, or an
+    overflow in half precision."""
+
+
+@dataclass
+class StepRequests:
+    """What a process asks of all at a training step: a checkpoint after it (``save``), and to
+    stop after that (``stop``). :func:`train_step` replaces the fields by what the processes agreed
+    at the step's one reduction: True on every process when True on any."""
+    save: bool = False
+    stop: bool = False
+
+
+class EpochControl(Protocol):
+    """Hooks of :func:`train_one_epoch` around each step (mid-epoch checkpoints, stopping)."""
+
+    def requests(self) -> StepRequests:
+        """This process's requests for the coming step."""
+
+    def after_step(self, iteration: int, agreed: StepRequests, logger: MetricLogger) -> None:
+        """Called after step ``iteration`` (counted from the epoch's start) with what the processes
+        agreed; may save, and may end the epoch by raising."""
 
 
 def to_device(samples: NestedTensor, targets: Sequence[Mapping[str, Any]],
@@ -32,27 +62,54 @@ def to_device(samples: NestedTensor, targets: Sequence[Mapping[str, Any]],
     return samples, moved
 
 
-def _loss_scalars(loss_dict: Mapping[str, Tensor], weight_dict: Mapping[str, float],
-                  extra: Sequence[Tensor] = ()) -> tuple[dict[str, float], list[float]]:
+def _non_finite_count(outputs: Any, device: torch.device) -> Tensor:
+    """How many values of the model's floating-point outputs (nested dicts and lists) are NaN or
+    infinite, as a tensor on ``device`` (no synchronisation)."""
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if isinstance(outputs, list):
+        return sum((_non_finite_count(v, device) for v in outputs), torch.zeros((), dtype=torch.int64, device=device))
+    if isinstance(outputs, Tensor) and outputs.is_floating_point():
+        return (~torch.isfinite(outputs.detach())).sum()
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def _loss_scalars(loss_dict: Mapping[str, Tensor], weight_dict: Mapping[str, float], extra: Sequence[Tensor] = (),
+                  shared: Sequence[Tensor] = ()) -> tuple[dict[str, float], list[float], list[float]]:
     """Average ``loss_dict`` over processes and bring it to the host with a single transfer.
 
     Returns the logged values -- ``loss`` (weighted sum), each weighted loss under its own name,
-    and every entry of ``loss_dict`` as ``<name>_unscaled`` -- and the ``extra`` scalars.
+    and every entry of ``loss_dict`` as ``<name>_unscaled`` --, the ``extra`` scalars (this
+    process's), and the ``shared`` scalars summed over processes (in the same reduction).
     """
-    reduced = reduce_dict({k: v.detach() for k, v in loss_dict.items()})
+    shared_names = [f"\0shared{i}" for i in range(len(shared))]  # sorts before any loss name
+    to_reduce = {k: v.detach() for k, v in loss_dict.items()}
+    to_reduce.update((name, value.float()) for name, value in zip(shared_names, shared))
+    reduced = reduce_dict(to_reduce)
+    summed = [reduced.pop(name) * get_world_size() for name in shared_names]
     names = sorted(reduced)
     weighted = [k for k in names if k in weight_dict]
     unscaled = torch.stack([reduced[k].float().reshape(()) for k in names])
     scaled = torch.stack([reduced[k].float().reshape(()) * weight_dict[k] for k in weighted])
-    packed = torch.cat([scaled.sum().reshape(1), scaled, unscaled,
-                        torch.stack([e.detach().float().reshape(()) for e in extra])
-                        if extra else unscaled.new_zeros(0)])
+    tail = [e.detach().float().reshape(()) for e in extra] + [s.float().reshape(()) for s in summed]
+    packed = torch.cat([scaled.sum().reshape(1), scaled, unscaled] + ([torch.stack(tail)] if tail else []))
     host = packed.cpu().tolist()
     values = {"loss": host[0]}
     values.update(zip(weighted, host[1:1 + len(weighted)]))
     offset = 1 + len(weighted)
     values.update((f"{k}_unscaled", v) for k, v in zip(names, host[offset:offset + len(names)]))
-    return values, host[offset + len(names):]
+    offset += len(names)
+    return values, host[offset:offset + len(extra)], host[offset + len(extra):]
+
+
+def _check_predictions(count: float, where: str, amp: torch.dtype | None) -> None:
+    """Raise :class:`NonFinitePredictionError` if ``count`` (non-finite output values, summed over
+    processes) is not 0."""
+    if count:
+        hint = ("; under --amp fp16 the forward pass can overflow float16's range: --amp bf16 keeps float32's range"
+                if amp == torch.float16 else "")
+        raise NonFinitePredictionError(f"the model's predictions hold {int(count)} NaN or infinite values "
+                                       f"{where}{hint}")
 
 
 def _to_float32(outputs: Any) -> Any:
@@ -77,20 +134,24 @@ def forward(model: nn.Module, samples: NestedTensor, amp: torch.dtype | None = N
 
 def train_step(model: nn.Module, criterion: nn.Module, samples: NestedTensor, targets: Targets,
                optimizer: torch.optim.Optimizer, max_norm: float, amp: torch.dtype | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+               scaler: torch.amp.GradScaler | None = None, requests: StepRequests | None = None) -> dict[str, float]:
     """Forward (see :func:`forward` for ``amp``), weighted loss, backward, gradient clipping and
     optimizer step for one batch.
 
     Returns the logged values (see :func:`_loss_scalars`) plus ``grad_norm`` (before clipping).
     Beyond those of the model and criterion, the step synchronises with the host once: one transfer
-    of all logged values, after the backward pass and before the optimizer step. A non-finite loss
-    raises :class:`NonFiniteLossError` there, leaving the weights and optimizer state unchanged.
+    of all logged values, after the backward pass and before the optimizer step, which also carries
+    the count of non-finite predictions and the processes' ``requests`` (each field replaced by
+    what the processes agreed). Non-finite predictions raise :class:`NonFinitePredictionError` and
+    a non-finite loss :class:`NonFiniteLossError` there, on every process alike, leaving the weights
+    and optimizer state unchanged.
 
     With a ``scaler`` (float16), the loss is scaled for the backward pass and the gradients are
     unscaled before clipping; a step whose gradients overflow is skipped by the scaler (no error,
     and no ``grad_norm`` logged for it), which costs one more synchronisation.
     """
     outputs = forward(model, samples, amp)
+    non_finite = _non_finite_count(outputs, samples.tensors.device)
     loss_dict = criterion(outputs, targets)
     weight_dict = criterion.weight_dict
     loss = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
@@ -109,10 +170,17 @@ def train_step(model: nn.Module, criterion: nn.Module, samples: NestedTensor, ta
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
 
-    values, (grad_norm_value,) = _loss_scalars(loss_dict, weight_dict, extra=[grad_norm])
+    shared = [non_finite]
+    if requests is not None:
+        # new_full launches a fill on the device: no host-to-device copy, no synchronisation
+        shared += [grad_norm.new_full((), float(requests.save)), grad_norm.new_full((), float(requests.stop))]
+    values, (grad_norm_value,), agreed = _loss_scalars(loss_dict, weight_dict, extra=[grad_norm], shared=shared)
+    _check_predictions(agreed[0], "in a training step, stopping training", amp)
     if not math.isfinite(values["loss"]):
         raise NonFiniteLossError(f"loss is {values['loss']}, stopping training; losses averaged "
                                  f"over processes: {values}")
+    if requests is not None:
+        requests.save, requests.stop = agreed[1] > 0, agreed[2] > 0
     if scaler is None:
         optimizer.step()
     else:
@@ -126,12 +194,17 @@ def train_step(model: nn.Module, criterion: nn.Module, samples: NestedTensor, ta
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     max_norm: float = 0, print_freq: int = 10, amp: torch.dtype | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+                    scaler: torch.amp.GradScaler | None = None, start: int = 0,
+                    meters: Mapping[str, tuple[int, float]] | None = None,
+                    control: EpochControl | None = None) -> dict[str, float]:
     """Train for one pass over ``data_loader``; return each logged value's average over the epoch
     and over all processes.
 
     ``max_norm > 0`` clips the gradient norm to it; ``grad_norm`` is logged either way (before
-    clipping). ``amp`` and ``scaler``: see :func:`train_step`.
+    clipping). ``amp`` and ``scaler``: see :func:`train_step`. A resumed epoch passes the
+    iterations already done as ``start`` (``data_loader`` then holds the rest) and the meters of
+    that part (:meth:`~util.logger.MetricLogger.state`), so the averages are the whole epoch's;
+    ``control`` is called around every step.
     """
     model.train()
     criterion.train()
@@ -139,13 +212,19 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     logger.add_meter("grad_norm", SmoothedValue(window_size=1, fmt="{value:.2f}"))
-    for samples, targets in logger.log_every(data_loader, print_freq, f"Epoch: [{epoch}]", device):
+    if meters:
+        logger.restore(meters)
+    header = f"Epoch: [{epoch}]"
+    for iteration, (samples, targets) in logger.log_every(data_loader, print_freq, header, device, start=start):
         samples, targets = to_device(samples, targets, device)
-        values = train_step(model, criterion, samples, targets, optimizer, max_norm, amp, scaler)
+        requests = control.requests() if control is not None else None
+        values = train_step(model, criterion, samples, targets, optimizer, max_norm, amp, scaler, requests)
         logger.update(**values)
         if "class_error_unscaled" in values:
             logger.update(class_error=values["class_error_unscaled"])
         logger.update(lr=optimizer.param_groups[0]["lr"])
+        if control is not None:
+            control.after_step(iteration, requests, logger)
     logger.synchronize_between_processes(device)
     print_main("Averaged stats:", logger)
     return logger.global_averages()
@@ -168,7 +247,8 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
     """Losses and COCO box AP of ``model`` over ``data_loader`` (every process's share of it).
 
     Predictions from all processes are gathered before COCO evaluation, whose 12-line summary is
-    printed by the main process. Returns the averaged losses plus ``coco_eval_bbox`` (the 12 COCO
+    printed by the main process. Non-finite predictions raise :class:`NonFinitePredictionError`
+    on every process. Returns the averaged losses plus ``coco_eval_bbox`` (the 12 COCO
     numbers) and ``skipped_images`` (images of ``base_ds`` that got no predictions: left out as
     unreadable, see :class:`~datasets.coco.CocoDetection`), and the evaluator.
     """
@@ -177,14 +257,16 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
     logger = MetricLogger(delimiter="  ")
     logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
     evaluator = CocoEvaluator(base_ds, ("bbox",))
-    for samples, targets in logger.log_every(data_loader, print_freq, "Test:", device):
+    for _, (samples, targets) in logger.log_every(data_loader, print_freq, "Test:", device):
         if samples is None:  # every image of the batch was left out (unreadable)
             continue
         image_ids = [int(t["image_id"]) for t in targets]
         samples, targets = to_device(samples, targets, device)
         outputs = forward(model, samples, amp)
+        non_finite = _non_finite_count(outputs, device)
         loss_dict = criterion(outputs, targets)
-        values, _ = _loss_scalars(loss_dict, criterion.weight_dict)
+        values, _, (bad,) = _loss_scalars(loss_dict, criterion.weight_dict, shared=[non_finite])
+        _check_predictions(bad, "in evaluation, stopping", amp)
         logger.update(**values)
         if "class_error_unscaled" in values:
             logger.update(class_error=values["class_error_unscaled"])

@@ -1,13 +1,15 @@
 """Train and evaluate Deformable DETR: ``python main.py [flags]`` (see README.md and ``--help``)."""
 import argparse
+import contextlib
 import os
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from util.errors import InputError, InputValueError, ParameterError
-from util.flags import check_checkpoint_args, cli_parser
+from util.flags import check_checkpoint_args, check_flag_bounds, cli_parser
 
 # Library parameters whose command-line flag has another name.
 FLAG_OF_PARAMETER = {"weights": "backbone_weights", "norm": "backbone_norm", "base_width": "backbone_width",
@@ -27,17 +29,7 @@ def _check_output_dir(output_dir: str) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flag values and combinations that cannot work, naming the flags, before any work."""
-    positive = ["batch_size", "epochs", "lr_drop", "hidden_dim", "nheads", "enc_layers", "dec_layers",
-                "dim_feedforward", "num_queries", "num_feature_levels", "enc_n_points", "dec_n_points",
-                "num_classes", "val_scale", "max_size", "backbone_width"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise InputValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("num_workers", "start_epoch", "clip_max_norm", "lr", "lr_backbone", "dropout"):
-        if getattr(args, name) < 0:
-            raise InputValueError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if min(args.train_scales + args.crop_resize_scales + args.crop_size) < 1:
-        raise InputValueError("--train_scales, --crop_resize_scales and --crop_size must be positive sizes")
+    check_flag_bounds(args)
     if args.crop_size[0] > args.crop_size[1]:
         raise InputValueError(f"--crop_size MIN MAX needs MIN <= MAX, got {args.crop_size}")
     if args.hidden_dim % args.nheads:
@@ -48,6 +40,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_feature_levels == 2:
         raise InputValueError("--num_feature_levels must be 1 (the last backbone stage) or at least 3 (its last "
                               "three stages, plus extra levels), got 2")
+    if args.set_cost_class == args.set_cost_bbox == args.set_cost_giou == 0:
+        raise InputValueError("--set_cost_class, --set_cost_bbox and --set_cost_giou are all 0: the matching "
+                              "needs at least one cost")
     if args.two_stage and not args.with_box_refine:
         raise InputValueError("--two_stage needs --with_box_refine (the original's two-stage variant is "
                               "'++ two-stage': refinement plus two-stage)")
@@ -74,6 +69,33 @@ def check_device(device: str) -> None:
         raise InputValueError(f"--device {device} but only {torch.cuda.device_count()} CUDA devices are visible")
 
 
+@dataclass
+class Start:
+    """What a run starts from: a checkpoint (``path``, empty for none) continued, or with
+    ``finetune`` only its weights taken, and a ``note`` saying why when ``--auto_resume`` chose."""
+    path: str
+    finetune: bool
+    note: str = ""
+
+
+def choose_start(args: argparse.Namespace) -> Start:
+    """``--auto_resume`` continues ``output_dir/checkpoint.pth`` when it exists, before any
+    ``--resume`` or ``--finetune`` (which start the run the first time); otherwise those."""
+    given = ("--resume", args.resume) if args.resume else ("--finetune", args.finetune) if args.finetune else None
+    start = Start(args.resume or args.finetune, bool(args.finetune))
+    if not args.auto_resume:
+        return start
+    own = Path(args.output_dir) / "checkpoint.pth"
+    if own.is_file():
+        note = f"--auto_resume: continuing {own}"
+        if given is not None and Path(given[1]).resolve() != own.resolve():
+            note += f", not {given[0]} {given[1]} (the run started before and saved there)"
+        return Start(str(own), False, note)
+    start.note = f"--auto_resume: no {own} yet, " + (f"starting from {given[0]} {given[1]}" if given else
+                                                      "starting afresh")
+    return start
+
+
 def train_and_evaluate(args: argparse.Namespace) -> None:
     """Train (or with ``--eval`` only evaluate) as configured by ``args``; see docs/training.md."""
     # Imported here, not at the top, so that --help and flag errors answer without loading torch.
@@ -86,72 +108,86 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     from datasets import build_dataset
     from datasets.coco import check_images, check_num_classes
     from datasets.loaders import build_loaders
+    from datasets.samplers import epoch_order
     from engine import AMP_DTYPES, evaluate, train_one_epoch
     from models import build_model
     from util.checkpoint import (
+        check_optimizer_state,
         completed_epoch,
         load_checkpoint,
         load_weights,
+        mid_epoch_progress,
         restore_training_state,
         save_epoch,
         save_on_main,
         trim_log_on_main,
     )
-    from util.dist import destroy_distributed, init_distributed
-    from util.logger import print_main
+    from util.dist import all_gather, destroy_distributed, init_distributed
+    from util.logger import MetricLogger, print_main
     from util.misc import epoch_seed, seed_everything
     from util.optim import build_optimizer
+    from util.preemption import MidEpochCheckpoints, StopSignals, resume_within_epoch, rng_state
 
     check_args(args)
     check_device(args.device)
     output_dir = Path(args.output_dir)
-    if args.auto_resume and not args.resume and (output_dir / "checkpoint.pth").is_file():
-        args.resume = str(output_dir / "checkpoint.pth")
-    # Cheap checks first: the annotation files and the checkpoint, before the model is built.
-    dataset_train, dataset_val = build_dataset("train", args), build_dataset("val", args)
+    start = choose_start(args)
+    # Cheap checks first: the annotation files, the image files and the checkpoint, before the
+    # model is built. An evaluation reads the validation split alone.
+    dataset_val = build_dataset("val", args)
+    dataset_train = None if args.eval else build_dataset("train", args)
     for dataset in (dataset_train, dataset_val):
-        check_num_classes(dataset.coco, args.num_classes)
-    source = args.resume or args.finetune
-    checkpoint = load_checkpoint(source) if source else None
+        if dataset is not None:
+            check_num_classes(dataset.coco, args.num_classes)
+    checkpoint = load_checkpoint(start.path) if start.path else None
     if checkpoint is not None:
-        check_checkpoint_args(checkpoint, args, source, finetune=bool(args.finetune))
-    last_epoch = completed_epoch(checkpoint) if args.resume and not args.eval else None
-    if last_epoch is not None and last_epoch + 1 >= args.epochs:
-        print(f"{source} completed epoch {last_epoch}, the last of --epochs {args.epochs}: nothing left to train")
-        return
+        check_checkpoint_args(checkpoint, args, start.path, finetune=start.finetune)
+    last_epoch = completed_epoch(checkpoint) if checkpoint is not None and not (start.finetune or args.eval) else None
+    progress = mid_epoch_progress(checkpoint) if last_epoch is not None else None
 
     env = init_distributed(torch.device(args.device).type, datetime.timedelta(minutes=args.dist_timeout))
     try:
+        if start.note:
+            print_main(start.note)
+        if last_epoch is not None and last_epoch + 1 >= args.epochs:
+            print_main(f"{start.path} completed epoch {last_epoch}, the last of --epochs {args.epochs}: "
+                       f"nothing left to train")
+            return
         print_main(args)
         device = torch.device(args.device)
         if device.type == "cuda" and env.distributed:
             device = torch.device("cuda", env.local_rank)
         if args.check_images:
             # before the seeding below: the check's loader draws from the random generator
-            for dataset in (dataset_val,) if args.eval else (dataset_train, dataset_val):
-                check_images(dataset, args.num_workers, env.rank, env.world_size, report=print_main)
+            for dataset in (dataset_train, dataset_val):
+                if dataset is not None:
+                    check_images(dataset, args.num_workers, env.rank, env.world_size, report=print_main)
         seed_everything(args.seed + env.rank)
 
-        model, criterion, postprocessors = build_model(args)
+        # A checkpoint's weights replace the backbone's, so ImageNet's are not even downloaded.
+        model_args = args if checkpoint is None else argparse.Namespace(**{**vars(args), "backbone_weights": "none"})
+        model, criterion, postprocessors = build_model(model_args)
         model.to(device)
         criterion.to(device)
         n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print_main("number of params:", n_parameters)
         loaders = build_loaders(dataset_train, dataset_val, args.batch_size, args.num_workers,
                                 distributed=env.distributed, node_local=args.cache_mode,
-                                pin_memory=device.type == "cuda")
-        if len(loaders.train) == 0 and not args.eval:
+                                pin_memory=device.type == "cuda", rank=env.rank, world_size=env.world_size,
+                                seed=args.seed)
+        if loaders.train is not None and len(loaders.train) == 0:
             share = f", the share of each of {env.world_size} processes" if env.distributed else ""
             raise InputValueError(f"--batch_size {args.batch_size} is more than the {len(loaders.train_sampler)} "
                                   f"training images{share}")
         optimizer, lr_scheduler = build_optimizer(args, model)
+        rate_notes = check_optimizer_state(checkpoint, optimizer, start.path, args) if last_epoch is not None else []
         amp = AMP_DTYPES[args.amp]
         # float16 needs loss scaling (its range is too small for the gradients); bfloat16 does not.
         scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
         if checkpoint is not None:
-            dropped = load_weights(model, checkpoint["model"], source, other_classes=bool(args.finetune))
-            if args.finetune:
-                print_main(f"fine-tuning from {source}; class heads left out (shape differs from "
+            dropped = load_weights(model, checkpoint["model"], start.path, other_classes=start.finetune)
+            if start.finetune:
+                print_main(f"fine-tuning from {start.path}; class heads left out (shape differs from "
                            f"--num_classes {args.num_classes}): {dropped if dropped else 'none'}")
         model_without_ddp = model
         if env.distributed:
@@ -159,11 +195,16 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                 model, device_ids=[env.local_rank] if device.type == "cuda" else None)
 
         def run_evaluation():
-            return evaluate(model, criterion, postprocessors, loaders.val, dataset_val.coco, device, amp=amp)
+            return evaluate(model, criterion, postprocessors, loaders.val, dataset_val.coco, device,
+                            print_freq=args.print_freq, amp=amp)
 
         if args.eval:
-            print_main(f"evaluating {source or 'the initial weights'}"
-                       + (f" (after epoch {checkpoint['epoch']})" if checkpoint and "epoch" in checkpoint else ""))
+            after = ""
+            if checkpoint is not None and "epoch" in checkpoint:
+                after = f" (after epoch {checkpoint['epoch']}" + (
+                    f" and {mid_epoch_progress(checkpoint)['iteration']} iterations of the next"
+                    if mid_epoch_progress(checkpoint) else "") + ")"
+            print_main(f"evaluating {start.path or 'the initial weights'}{after}")
             _, coco_evaluator = run_evaluation()
             if args.output_dir:
                 output_dir.mkdir(parents=True, exist_ok=True)
@@ -175,11 +216,18 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
             restore_training_state(checkpoint, optimizer, lr_scheduler, scaler)
             start_epoch = last_epoch + 1
             if lr_scheduler.step_size != args.lr_drop:
-                print_main(f"note: continuing the saved schedule of {source} (lr drop every "
+                print_main(f"note: continuing the saved schedule of {start.path} (lr drop every "
                            f"{lr_scheduler.step_size} epochs), not --lr_drop {args.lr_drop}")
-            print_main(f"resumed from {source}: epoch {last_epoch} completed, continuing with epoch {start_epoch} "
-                       f"of {args.epochs}, learning rates {[g['lr'] for g in optimizer.param_groups]}")
-        if args.resume:
+            if rate_notes:
+                print_main(f"note: continuing the saved learning rates and weight decay of {start.path}, not "
+                           f"{', '.join(rate_notes)}")
+            if progress:
+                where = f"continuing epoch {start_epoch} of {args.epochs} after its iteration {progress['iteration']}"
+            else:
+                where = f"epoch {last_epoch} completed, continuing with epoch {start_epoch} of {args.epochs}"
+            rates = [group["lr"] for group in optimizer.param_groups]
+            print_main(f"resumed from {start.path}: {where}, learning rates {rates}")
+        if start.path and not start.finetune:
             # The original evaluates the resumed model before continuing, as a check.
             run_evaluation()
         # Created only now, when every check has passed, so that a failed start leaves nothing behind.
@@ -190,26 +238,55 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
 
         # A resumed run continues its saved schedule; its checkpoints' args say so.
         saved_args = argparse.Namespace(**{**vars(args), "lr_drop": lr_scheduler.step_size})
+
+        def training_state(epoch: int) -> dict:
+            state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                     "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": saved_args}
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
+            return state
+
         print_main("Start training")
         start_time = time.time()
-        for epoch in range(start_epoch, args.epochs):
-            seed_everything(epoch_seed(args.seed, env.rank, env.world_size, epoch))
-            if env.distributed:
-                loaders.train_sampler.set_epoch(epoch)
-            train_stats = train_one_epoch(model, criterion, loaders.train, optimizer, device, epoch,
-                                          args.clip_max_norm, amp=amp, scaler=scaler)
-            lr_scheduler.step()
-            test_stats, coco_evaluator = run_evaluation()
-            if args.output_dir:
-                log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                             **{f"test_{k}": v for k, v in test_stats.items()},
-                             "epoch": epoch, "n_parameters": n_parameters}
-                state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                         "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": saved_args}
-                if scaler is not None:
-                    state["scaler"] = scaler.state_dict()
-                save_epoch(output_dir, epoch, log_stats, coco_evaluator.coco_eval["bbox"].eval, state,
-                           lr_scheduler.step_size)
+        # Without an output folder nothing could be saved: a signal ends the process as usual.
+        signals = StopSignals()
+        checkpoint_path = output_dir / "checkpoint.pth"
+        control = MidEpochCheckpoints(args.save_every_iters, args.save_every_minutes, signals, str(checkpoint_path),
+                                      env.rank == 0) if args.output_dir else None
+        with signals if args.output_dir else contextlib.nullcontext():
+            for epoch in range(start_epoch, args.epochs):
+                seed_everything(epoch_seed(args.seed, env.rank, env.world_size, epoch))
+                order = epoch_order(len(dataset_train), epoch)
+                skip, meters = 0, None
+                if progress is not None and progress["epoch"] == epoch:
+                    skip, meters = resume_within_epoch(progress, order, env.rank, env.world_size, args.batch_size,
+                                                       args.seed, device)
+                loaders.train_sampler.set_epoch(epoch, skip=skip)
+                first = skip // args.batch_size
+
+                def save_progress(done: int, logger: MetricLogger, epoch: int = epoch, order=order) -> None:
+                    processes = all_gather({"rng": rng_state(device), "meters": logger.state()})
+                    state = training_state(epoch - 1)
+                    state["mid_epoch"] = {"epoch": epoch, "iteration": done, "batch_size": args.batch_size,
+                                          "world_size": env.world_size, "order": order.to(torch.int32),
+                                          "processes": processes}
+                    save_on_main(state, checkpoint_path)
+
+                if control is not None:
+                    control.begin_epoch(epoch, first + len(loaders.train), save_progress)
+                train_stats = train_one_epoch(model, criterion, loaders.train, optimizer, device, epoch,
+                                              args.clip_max_norm, args.print_freq, amp=amp, scaler=scaler,
+                                              start=first, meters=meters, control=control)
+                lr_scheduler.step()
+                test_stats, coco_evaluator = run_evaluation()
+                if args.output_dir:
+                    log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                                 **{f"test_{k}": v for k, v in test_stats.items()},
+                                 "epoch": epoch, "n_parameters": n_parameters}
+                    save_epoch(output_dir, epoch, log_stats, coco_evaluator.coco_eval["bbox"].eval,
+                               training_state(epoch), lr_scheduler.step_size)
+                    if epoch + 1 < args.epochs:
+                        control.after_epoch(epoch, device)
         print_main(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     finally:
         destroy_distributed()
@@ -227,22 +304,38 @@ def _message(err: Exception) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: the command line), run, and return the exit status: 0, 1 for a
-    non-finite loss, 2 for bad input (printed as one ``error:`` line; with ``--debug``, or
-    ``DDETR_DEBUG=1`` in the environment, with its traceback)."""
+    """Parse ``argv`` (default: the command line), run, and return the exit status: 0; 1 for a
+    non-finite loss or predictions, or when the other processes of a distributed job are lost; 2
+    for bad input (printed as one ``error:`` line; with ``--debug``, or ``DDETR_DEBUG=1`` in the
+    environment, with its traceback); ``128 + N`` after stopping on signal N with a checkpoint."""
     args = cli_parser("Deformable DETR training and evaluation script").parse_args(argv)
     # torch loads only once the flags are parsed
+    from torch.distributed import DistError
+
     from datasets.coco import BadImageError
-    from engine import NonFiniteLossError
+    from engine import NonFiniteError
+    from util.preemption import TrainingStopped
 
     try:
         train_and_evaluate(args)
-    except (NonFiniteLossError, InputError) as err:
+    except TrainingStopped as stop:
+        if stop.main_process:
+            print(stop, file=sys.stderr, flush=True)
+        return stop.exit_status
+    except (NonFiniteError, InputError) as err:
         if args.debug or os.environ.get("DDETR_DEBUG") == "1":
             traceback.print_exc()
         hint = "; --skip_bad_images skips such images" if isinstance(err, BadImageError) else ""
         print(f"error: {_message(err)}{hint}", file=sys.stderr)
-        return 1 if isinstance(err, NonFiniteLossError) else 2
+        return 1 if isinstance(err, NonFiniteError) else 2
+    except DistError as err:
+        # Another process died or hangs; what happened to it is in its own output.
+        if args.debug or os.environ.get("DDETR_DEBUG") == "1":
+            traceback.print_exc()
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"stopping: lost contact with the other processes of the job ({detail[:300]}); the first process "
+              f"to fail says why", file=sys.stderr)
+        return 1
     return 0
 
 

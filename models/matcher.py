@@ -41,7 +41,8 @@ class HungarianMatcher(nn.Module):
             targets: per image ``labels (N_i,)`` and ``boxes (N_i, 4)`` (cx, cy, w, h).
 
         Returns:
-            Per image ``(query_indices, target_indices)``, int64 of length ``min(Q, N_i)``.
+            Per image ``(query_indices, target_indices)``, int64 of length ``min(Q, N_i)``; for
+            predictions with NaN or infinite values an arbitrary valid assignment.
         """
         out_prob = outputs["pred_logits"].sigmoid()
         out_bbox = outputs["pred_boxes"]
@@ -63,6 +64,11 @@ class HungarianMatcher(nn.Module):
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(out_bbox), box_cxcywh_to_xyxy(tgt_bbox))
 
         cost = (self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou).cpu()
+        if not torch.isfinite(cost).all():
+            # Non-finite predictions (a diverged model, a float16 overflow) would make scipy raise;
+            # matched arbitrarily instead, they are reported by the training step and the
+            # evaluation (engine), which count them on every process.
+            cost = cost.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         indices = [linear_sum_assignment(cost[i, :, :size]) for i, size in enumerate(sizes)]
         return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
 

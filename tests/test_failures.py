@@ -185,7 +185,7 @@ def test_log_lines_are_whole_and_trimmed_on_resume(tmp_path):
 # Flags
 
 @pytest.mark.parametrize("flags,message", [
-    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--batch_size", "0"], "--batch_size 0 must be at least 1"),
     (["--two_stage"], "--two_stage needs --with_box_refine"),
     (["--num_feature_levels", "2"], "--num_feature_levels must be 1"),
     (["--hidden_dim", "48", "--nheads", "4"], "multiple of 32"),

@@ -139,16 +139,46 @@ def test_finetune_with_another_num_classes_leaves_out_and_reports_the_class_head
 
 
 @pytest.mark.slow
-def test_non_finite_loss_exits_1_and_keeps_the_checkpoint(three_epochs, tiny_coco_root, tmp_path):
+def test_non_finite_loss_exits_1_and_keeps_the_checkpoint(three_epochs, tiny_coco_root, tmp_path, monkeypatch):
     out, _ = three_epochs
     shutil.copy(out / "checkpoint0001.pth", tmp_path / "checkpoint.pth")
     before = (tmp_path / "checkpoint.pth").read_bytes()
-    proc = run_main(train_argv(tiny_coco_root, tmp_path, "--epochs", "3", "--cls_loss_coef", "nan",
+    # the box losses NaN, the predictions finite
+    l1_loss = torch.nn.functional.l1_loss
+    monkeypatch.setattr(torch.nn.functional, "l1_loss", lambda *a, **k: l1_loss(*a, **k) * float("nan"))
+    proc = run_main(train_argv(tiny_coco_root, tmp_path, "--epochs", "3",
                                "--resume", str(tmp_path / "checkpoint.pth")), expect_rc=1)
     assert "loss is nan, stopping training" in proc.stderr
     assert "loss_ce_unscaled" in proc.stderr  # the losses are printed
     assert (tmp_path / "checkpoint.pth").read_bytes() == before
     assert not (tmp_path / "log.txt").exists()
+
+
+@pytest.fixture(scope="module")
+def diverged(three_epochs, tmp_path_factory) -> Path:
+    """The run's checkpoint with one infinite value in the class head's bias."""
+    out, _ = three_epochs
+    checkpoint = load_checkpoint(out / "checkpoint.pth")
+    checkpoint["model"]["class_embed.0.bias"][3] = float("inf")
+    path = tmp_path_factory.mktemp("diverged") / "checkpoint.pth"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how, where", [("--finetune", "in a training step, stopping training"),
+                                        ("--resume", "in evaluation, stopping"),
+                                        ("--eval", "in evaluation, stopping")])
+def test_non_finite_predictions_stop_with_one_line_before_the_matcher(diverged, tiny_coco_root, tmp_path, how,
+                                                                      where):
+    flags = ["--eval", "--resume", str(diverged)] if how == "--eval" else [how, str(diverged)]
+    before = diverged.read_bytes()
+    proc = run_main(train_argv(tiny_coco_root, tmp_path / "out", "--epochs", "4", *flags), expect_rc=1)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # every query's logit of class 3 is infinite, in every decoder layer's output (the heads are shared)
+    assert re.fullmatch(rf"error: the model's predictions hold \d+ NaN or infinite values {where}", lines[0]), lines
+    assert diverged.read_bytes() == before and not (tmp_path / "out" / "log.txt").exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -478,8 +478,9 @@ def test_auto_resume_of_a_finished_run_says_so(two_epochs, tiny_coco_root):
     before = snapshot(two_epochs)
     proc = run_main(train_argv(tiny_coco_root, two_epochs, "--epochs", "2", "--auto_resume"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == (f"{two_epochs / 'checkpoint.pth'} completed epoch 1, the last of --epochs 2: "
-                                   f"nothing left to train")
+    assert proc.stdout.strip().splitlines() == [
+        f"--auto_resume: continuing {two_epochs / 'checkpoint.pth'}",
+        f"{two_epochs / 'checkpoint.pth'} completed epoch 1, the last of --epochs 2: nothing left to train"]
     assert snapshot(two_epochs) == before
 
 

@@ -153,6 +153,54 @@ def completed_epoch(checkpoint: Mapping[str, Any]) -> int | None:
     return checkpoint["epoch"]
 
 
+def mid_epoch_progress(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What a mid-epoch checkpoint saved about the epoch in progress (``epoch``, ``iteration``,
+    ``batch_size``, ``world_size``, ``order``, ``processes``); None for one written at an epoch's
+    end."""
+    progress = checkpoint.get("mid_epoch")
+    return progress if isinstance(progress, dict) else None
+
+
+def _optimizer_kind(groups: list[Mapping[str, Any]]) -> str:
+    return "SGD" if any("momentum" in group for group in groups) else "AdamW"
+
+
+def check_optimizer_state(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer, path: PathLike,
+                          args: argparse.Namespace) -> list[str]:
+    """A training checkpoint's optimizer state must fit the optimizer ``args`` built: the same
+    kind (``--sgd``) and parameter groups of the same sizes (``--lr_backbone`` 0 or not,
+    ``--train_backbone_stem``, ``--backbone_norm``, the name lists); otherwise
+    :class:`~util.errors.InputValueError` naming the flags that differ. Returns the rate flags
+    (``--lr``, ...) that differ from the checkpoint's: the saved rates are the ones continued."""
+    saved_groups = checkpoint["optimizer"].get("param_groups", [])
+    saved = checkpoint.get("args") if isinstance(checkpoint.get("args"), argparse.Namespace) else None
+    fresh = (f"; resume with the flags it was trained with, or start a new optimizer from its weights with "
+             f"--finetune {path}")
+    kind = type(optimizer).__name__
+    if _optimizer_kind(saved_groups) != kind:
+        raise InputValueError(f"{path} was trained with {_optimizer_kind(saved_groups)}, these flags build {kind} "
+                              f"({'--sgd' if kind == 'SGD' else 'no --sgd'}){fresh}")
+    sizes = [len(group["params"]) for group in optimizer.param_groups]
+    saved_sizes = [len(group.get("params", [])) for group in saved_groups]
+    if sizes != saved_sizes:
+        differing = []
+        if saved is not None:
+            for name in ("lr_backbone_names", "lr_linear_proj_names", "train_backbone_stem", "backbone_norm"):
+                if hasattr(saved, name) and getattr(saved, name) != getattr(args, name):
+                    differing.append(f"--{name} (checkpoint: {getattr(saved, name)}, here: {getattr(args, name)})")
+            if hasattr(saved, "lr_backbone") and (saved.lr_backbone > 0) != (args.lr_backbone > 0):
+                differing.append(f"--lr_backbone (checkpoint: {saved.lr_backbone}, here: {args.lr_backbone}; "
+                                 f"0 freezes the backbone)")
+        because = f" ({', '.join(differing)})" if differing else ""
+        raise InputValueError(f"{path} cannot continue with these flags: its optimizer's parameter groups hold "
+                              f"{saved_sizes} parameters, these flags give {sizes}{because}{fresh}")
+    if saved is None:
+        return []
+    return [f"--{name} {getattr(args, name)} (saved: {getattr(saved, name)})"
+            for name in ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay")
+            if hasattr(saved, name) and getattr(saved, name) != getattr(args, name)]
+
+
 def restore_training_state(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer,
                            lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
                            scaler: torch.amp.GradScaler | None = None) -> None:

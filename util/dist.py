@@ -48,6 +48,15 @@ def reduce_dict(input_dict: dict[str, torch.Tensor], average: bool = True) -> di
     return dict(zip(names, values))
 
 
+def any_process(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` is True on any process (one all-reduce on ``device`` when distributed)."""
+    if get_world_size() < 2:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value)
+    return bool(value.item() > 0)
+
+
 @dataclass
 class DistributedEnv:
     """Where this process sits in the job; ``distributed`` is False for a single process."""

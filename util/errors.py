@@ -29,8 +29,11 @@ class ParameterError(InputValueError):
 
     def as_flag(self, flag: str | None = None) -> str:
         """The message with the parameter named ``--<flag>`` (by default ``--<param>``)."""
+        flag = f"--{flag or self.param}"
+        if isinstance(self.value, bool):  # a switch: named alone, or as absent
+            return f"{flag} {self.reason}" if self.value else f"without {flag}, {self.reason}"
         value = " ".join(map(str, self.value)) if isinstance(self.value, (list, tuple)) else self.value
-        return f"--{flag or self.param} {value} {self.reason}"
+        return f"{flag} {value} {self.reason}"
 
 
 class MissingPathError(ParameterError, FileNotFoundError):

@@ -5,8 +5,10 @@ Nothing here imports torch, so ``--help`` and flag errors answer before the heav
 """
 import argparse
 import difflib
+import math
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +139,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="start a new run from this checkpoint's weights (no optimizer, schedule or "
                             "epoch); class heads of another --num_classes are left out")
     group.add_argument("--auto_resume", action="store_true",
-                       help="resume from output_dir/checkpoint.pth when it exists (for preemptible jobs)")
+                       help="continue output_dir/checkpoint.pth when it exists, in preference to --resume and "
+                            "--finetune (which then only start the run): for jobs that are preempted and started "
+                            "again with the same command")
+    group.add_argument("--save_every_iters", default=0, type=int, metavar="N",
+                       help="also write checkpoint.pth inside each epoch, after every N-th iteration, for an exact "
+                            "resume there (0: at epoch ends only, as the original)")
+    group.add_argument("--save_every_minutes", default=0.0, type=float, metavar="M",
+                       help="also write checkpoint.pth inside an epoch once M minutes have passed since the last "
+                            "write (0: never)")
+    group.add_argument("--print_freq", default=10, type=int, metavar="N",
+                       help="print the training and evaluation progress every N iterations")
     group.add_argument("--skip_bad_images", action="store_true",
                        help="leave out images whose files are missing, empty, undecodable or not of the annotated "
                             "size (with a warning naming them), instead of stopping")
@@ -164,6 +176,65 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--max_size", default=1333, type=int,
                        help="longest image side after resizing (training and evaluation)")
     return parser
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a numeric flag may take: finite, from ``low`` to ``high`` (either may be None),
+    each end included unless ``low_open`` / ``high_open``; ``why`` explains a limit that is not
+    obvious."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def describe(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'above' if self.low_open else 'at least'} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'below' if self.high_open else 'at most'} {self.high:g}")
+        return " and ".join(parts) + (f" ({self.why})" if self.why else "")
+
+    def admits(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+
+_COUNT, _NOT_NEGATIVE = Bounds(low=1), Bounds(low=0)
+# Every numeric flag of main.py (tests/test_args.py checks that none is missing).
+FLAG_BOUNDS: dict[str, Bounds] = {
+    **dict.fromkeys(["enc_layers", "dec_layers", "dim_feedforward", "hidden_dim", "nheads", "num_queries",
+                     "dec_n_points", "enc_n_points", "num_feature_levels", "batch_size", "epochs", "lr_drop",
+                     "num_classes", "backbone_width", "train_scales", "crop_resize_scales", "crop_size",
+                     "val_scale", "max_size"], _COUNT),
+    **dict.fromkeys(["set_cost_class", "set_cost_bbox", "set_cost_giou", "cls_loss_coef", "bbox_loss_coef",
+                     "giou_loss_coef", "lr", "lr_linear_proj_mult", "weight_decay", "clip_max_norm",
+                     "num_workers", "start_epoch", "seed", "save_every_iters", "save_every_minutes"],
+                    _NOT_NEGATIVE),
+    "print_freq": _COUNT,
+    "lr_backbone": Bounds(low=0, why="0 freezes the backbone"),
+    "dropout": Bounds(low=0, high=1, high_open=True),
+    "focal_alpha": Bounds(high=1, why="the weight of the positives; a negative value weighs both alike"),
+    "dist_timeout": Bounds(low=0, low_open=True, why="minutes"),
+}
+
+
+def check_flag_bounds(args: argparse.Namespace) -> None:
+    """Every flag of :data:`FLAG_BOUNDS` that ``args`` has within its bounds (each value of a
+    list flag); otherwise :class:`~util.errors.InputValueError` naming the flag and its value."""
+    for name, bounds in FLAG_BOUNDS.items():
+        if not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if not all(bounds.admits(v) for v in (value if isinstance(value, list) else [value])):
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            raise InputValueError(f"--{name} {shown} must be {'each ' if isinstance(value, list) else ''}"
+                                  f"{bounds.describe()}")
 
 
 class FlagParser(argparse.ArgumentParser):

@@ -5,7 +5,7 @@ import resource
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -147,12 +147,24 @@ class MetricLogger:
             self.meters[name].count = int(count)
             self.meters[name].total = total
 
+    def state(self) -> dict[str, tuple[int, float]]:
+        """Each meter's ``(count, total)``: what :meth:`global_averages` is computed from."""
+        return {name: (meter.count, meter.total) for name, meter in self.meters.items()}
+
+    def restore(self, state: Mapping[str, tuple[int, float]]) -> None:
+        """Continue from a :meth:`state` (the windows of recent values start empty)."""
+        for name, (count, total) in state.items():
+            meter = self.meters.setdefault(name, SmoothedValue())
+            meter.count, meter.total = int(count), float(total)
+
     def global_averages(self) -> dict[str, float]:
         return {name: meter.global_avg for name, meter in self.meters.items()}
 
     def log_every(self, iterable: Iterable[T], print_freq: int, header: str,
-                  device: torch.device | None = None) -> Iterator[T]:
-        """Yield from ``iterable``; every ``print_freq`` items and at the last one, print (main process)
+                  device: torch.device | None = None, start: int = 0) -> Iterator[tuple[int, T]]:
+        """Yield ``(i, item)`` from ``iterable``, ``i`` counting from ``start`` (the items already
+        done, for a resumed pass whose ``iterable`` holds the rest); every ``print_freq`` items and
+        at the last one, print (main process)
         ``header  [i/n]  eta: ...  <meters>  time: ...  data: ...  max mem: ...``.
 
         ``time`` is the mean seconds per item, ``data`` the mean seconds spent waiting for the
@@ -161,14 +173,14 @@ class MetricLogger:
         """
         if not isinstance(iterable, Sized):
             raise TypeError("log_every needs an iterable with a length, e.g. a DataLoader")
-        total = len(iterable)
+        total = start + len(iterable)
         iter_time = SmoothedValue(fmt="{avg:.4f}")
         data_time = SmoothedValue(fmt="{avg:.4f}")
         width = len(str(total))
-        start = end = time.time()
-        for i, item in enumerate(iterable):
+        began = end = time.time()
+        for i, item in enumerate(iterable, start):
             data_time.update(time.time() - end)
-            yield item
+            yield i, item
             iter_time.update(time.time() - end)
             if i % print_freq == 0 or i == total - 1:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
@@ -179,6 +191,6 @@ class MetricLogger:
                 print_main(self.delimiter.join(fields))
                 sys.stdout.flush()
             end = time.time()
-        elapsed = time.time() - start
+        elapsed = time.time() - began
         print_main(f"{header} Total time: {datetime.timedelta(seconds=int(elapsed))} "
-                   f"({elapsed / max(total, 1):.4f} s / it)")
+                   f"({elapsed / max(total - start, 1):.4f} s / it)")
