@@ -310,10 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     environment, with its traceback); ``128 + N`` after stopping on signal N with a checkpoint."""
     args = cli_parser("Deformable DETR training and evaluation script").parse_args(argv)
     # torch loads only once the flags are parsed
-    from torch.distributed import DistError
-
     from datasets.coco import BadImageError
     from engine import NonFiniteError
+    from util.dist import lost_contact
     from util.preemption import TrainingStopped
 
     try:
@@ -328,7 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "; --skip_bad_images skips such images" if isinstance(err, BadImageError) else ""
         print(f"error: {_message(err)}{hint}", file=sys.stderr)
         return 1 if isinstance(err, NonFiniteError) else 2
-    except DistError as err:
+    except RuntimeError as err:
+        if not lost_contact(err):
+            raise
         # Another process died or hangs; what happened to it is in its own output.
         if args.debug or os.environ.get("DDETR_DEBUG") == "1":
             traceback.print_exc()

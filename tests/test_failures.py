@@ -153,22 +153,37 @@ def test_resume_of_another_variant_lists_keys_and_suggests_finetune(coco, previo
     assert "input_proj.1" in stderr and "level_embed" in stderr
 
 
-def test_save_is_atomic_when_killed_before_the_rename(tmp_path):
-    """A writer killed after writing the new checkpoint but before renaming it leaves the old
-    one intact and loadable."""
+@pytest.mark.parametrize("moment", ["before the rename", "during the write"])
+def test_save_is_atomic_when_killed_while_writing(tmp_path, moment):
+    """A writer killed while it writes the new checkpoint, or after writing it but before renaming
+    it, leaves the old one intact and loadable."""
     target = tmp_path / "checkpoint.pth"
     save_on_main({"model": {"w": torch.zeros(3)}, "epoch": 1}, target)
+    if moment == "before the rename":
+        fault = "c.os.replace = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)\n"
+    else:  # half of torch.save's bytes reach the file, then the process dies
+        fault = ("save = torch.save\n"
+                 "def half_then_die(obj, f):\n"
+                 "    buffer = io.BytesIO()\n"
+                 "    save(obj, buffer)\n"
+                 "    f.write(buffer.getvalue()[:buffer.tell() // 2])\n"
+                 "    f.flush()\n"
+                 "    os.kill(os.getpid(), signal.SIGKILL)\n"
+                 "c.torch.save = half_then_die\n")
     script = (
-        "import os, signal, sys, torch\n"
+        "import io, os, signal, sys, torch\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         "import util.checkpoint as c\n"
-        "c.os.replace = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"{fault}"
         f"c.save_on_main({{'model': {{'w': torch.ones(1000)}}, 'epoch': 2}}, {str(target)!r})\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert proc.returncode == -signal.SIGKILL
-    assert (tmp_path / ".checkpoint.pth.tmp").stat().st_size > 4000  # the new data was written...
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (tmp_path / ".checkpoint.pth.tmp").stat().st_size > 2000  # the new data was (partly) written...
     checkpoint = load_checkpoint(target)  # ...but the old checkpoint is what is there
     assert checkpoint["epoch"] == 1 and torch.equal(checkpoint["model"]["w"], torch.zeros(3))
+    if moment == "during the write":
+        with pytest.raises(ValueError, match="not a readable checkpoint"):
+            load_checkpoint(tmp_path / ".checkpoint.pth.tmp")
 
 
 def test_log_lines_are_whole_and_trimmed_on_resume(tmp_path):

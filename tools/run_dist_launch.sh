@@ -9,6 +9,8 @@
 # So CMD may be a config script (which then runs `python -u main.py ...`) or `python main.py ...`.
 # Environment: GPUS_PER_NODE (default: GPUS, at most 8), MASTER_ADDR (127.0.0.1),
 # MASTER_PORT (29500), NODE_RANK (0); for several nodes run this on each with its NODE_RANK.
+# MAX_RESTARTS (0): how many times torchrun starts the whole group again after a process fails;
+# with main.py's --auto_resume each restart continues from the last checkpoint.
 # PYTHON names the interpreter that runs torchrun (default: python).
 set -euo pipefail
 set -x
@@ -39,5 +41,6 @@ exec "${PYTHON:-python}" -m torch.distributed.run \
     --master_addr "${MASTER_ADDR}" \
     --master_port "${MASTER_PORT}" \
     --nproc_per_node "${GPUS_PER_NODE}" \
+    --max_restarts "${MAX_RESTARTS:-0}" \
     --no-python \
     "$@"

@@ -57,6 +57,13 @@ def any_process(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+def lost_contact(err: BaseException) -> bool:
+    """Whether ``err`` says that a collective lost the other processes (one died, or hangs past
+    the timeout): torch.distributed's own errors, and the RuntimeErrors of gloo's transport,
+    which name its sources."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo/transport" in str(err))
+
+
 @dataclass
 class DistributedEnv:
     """Where this process sits in the job; ``distributed`` is False for a single process."""
@@ -132,7 +139,8 @@ def init_distributed(device_type: str, timeout: datetime.timedelta) -> Distribut
     """Join the process group that the environment describes (see :func:`read_launch_env`), if any.
 
     The backend is NCCL for ``device_type == "cuda"``, each process taking GPU ``LOCAL_RANK``, and
-    gloo otherwise. ``timeout`` bounds how long a collective waits for the other processes.
+    gloo otherwise. ``timeout`` bounds how long a collective waits for the other processes. Under
+    torchrun, each start of the group (``TORCHELASTIC_RESTART_COUNT``) rendezvouses afresh.
     """
     launch = read_launch_env()
     if launch is None:
@@ -148,8 +156,16 @@ def init_distributed(device_type: str, timeout: datetime.timedelta) -> Distribut
         device_id = torch.device("cuda", local_rank)
     print(f"| distributed init (rank {rank} of {world_size}, local rank {local_rank}, {backend})",
           flush=True)
-    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
-                            timeout=timeout, device_id=device_id)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                timeout=timeout, device_id=device_id)
+    else:
+        # torchrun's store outlives a restart of the group (--max_restarts): without a prefix of
+        # their own, the new processes would read the addresses the dead ones published there.
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"restart{restart}", store), rank=rank,
+                                world_size=world_size, timeout=timeout, device_id=device_id)
     return DistributedEnv(distributed=True, rank=rank, world_size=world_size, local_rank=local_rank,
                           backend=backend)
 

@@ -43,7 +43,7 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
-            print_main(f"received {signal.Signals(signum).name}: stopping after this step, with a checkpoint",
+            print_main(f"received {signal.Signals(signum).name}: stopping after the current training step",
                        flush=True)
 
     def __enter__(self) -> "StopSignals":

@@ -1,0 +1,262 @@
+"""Long runs that survive anything: mid-epoch checkpoints resumed exactly after a SIGKILL, a stop on
+Slurm's signals, torchrun's elastic restart, two nodes on one machine, and no hang when a process
+dies. Every run is compared, weight for weight, with an uninterrupted one."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from datasets.samplers import epoch_order
+from tools.make_tiny_coco import make_tiny_coco
+from util.checkpoint import load_checkpoint
+
+from helpers import REPO, SMALL_MODEL, free_port, subprocess_env
+
+# 8 training images of batch 1: 8 iterations an epoch in one process, 4 in each of two
+TRAIN_IMAGES, EPOCHS = 8, 2
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_tiny_coco(tmp_path_factory.mktemp("coco"), num_train=TRAIN_IMAGES, num_val=2, seed=1)
+
+
+def argv(data: Path, out: Path, *extra: str) -> list[str]:
+    return [*SMALL_MODEL, "--coco_path", str(data), "--batch_size", "1", "--epochs", str(EPOCHS),
+            "--print_freq", "1", "--output_dir", str(out), *extra]
+
+
+def launch(args: list[str], log: Path, processes: int = 1, **env: str) -> subprocess.Popen:
+    """main.py ARGS in one process, or in ``processes`` under tools/run_dist_launch.sh (torchrun,
+    gloo); stdout and stderr to ``log``."""
+    if processes == 1:
+        command = [sys.executable, "-u", "main.py", *args]
+    else:
+        command = ["tools/run_dist_launch.sh", str(processes), sys.executable, "-u", "main.py", *args]
+        env = {"MASTER_PORT": str(free_port()), "PYTHON": sys.executable, **env}
+    with open(log, "w") as f:
+        return subprocess.Popen(command, cwd=REPO, env=subprocess_env(**env), stdout=f, stderr=subprocess.STDOUT)
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the launch and every process under it at once, as when a node is lost (torchrun
+    starts its workers in sessions of their own)."""
+    pids, todo = [], [proc.pid]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo += children(pid)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
+def finish(proc: subprocess.Popen, log: Path, expected: int = 0, timeout: float = 600) -> str:
+    status = proc.wait(timeout=timeout)
+    text = log.read_text()
+    assert status == expected, text[-4000:]
+    return text
+
+
+def wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 300) -> re.Match:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        match = re.search(pattern, log.read_text(), re.MULTILINE)
+        if match:
+            return match
+        assert proc.poll() is None, f"ended before {pattern!r}:\n{log.read_text()[-4000:]}"
+        time.sleep(0.02)
+    raise AssertionError(f"no {pattern!r} within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+def assert_same_run(reference: Path, run: Path) -> None:
+    """The same final weights, bit for bit, and the same log.txt."""
+    a, b = load_checkpoint(reference / "checkpoint.pth"), load_checkpoint(run / "checkpoint.pth")
+    assert a["epoch"] == b["epoch"] == EPOCHS - 1 and "mid_epoch" not in b
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    logs = [[json.loads(line) for line in (out / "log.txt").read_text().splitlines()] for out in (reference, run)]
+    assert logs[0] == logs[1]
+
+
+@pytest.fixture(scope="module")
+def references(data, tmp_path_factory) -> dict[int, Path]:
+    """Uninterrupted runs in one process and in two, without mid-epoch checkpoints (the default)."""
+    runs = {}
+    for processes in (1, 2):
+        out = tmp_path_factory.mktemp(f"reference{processes}")
+        finish(launch(argv(data, out, "--num_workers", "0"), out.with_suffix(".log"), processes),
+               out.with_suffix(".log"))
+        runs[processes] = out
+    return runs
+
+
+def test_the_data_and_augmentation_do_not_depend_on_the_workers(data, references, tmp_path):
+    """One process with two loader workers trains to the weights of the run without workers:
+    each sample is seeded by its place in the epoch, not by the worker that loads it."""
+    out = tmp_path / "workers"
+    finish(launch(argv(data, out, "--num_workers", "2"), tmp_path / "log"), tmp_path / "log")
+    assert_same_run(references[1], out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_killed_between_save_points_and_resumed_ends_with_the_same_weights(data, references, tmp_path,
+                                                                             processes, workers):
+    every = 3 if processes == 1 else 2
+    iterations = TRAIN_IMAGES // processes
+    run, log = tmp_path / "run", tmp_path / "log"
+    flags = ["--num_workers", workers, "--save_every_iters", str(every)]
+    proc = launch(argv(data, run, *flags), log, processes)
+    # iteration every + 1 done (printed from 0): past a save point, before the next
+    wait_for(log, rf"^Epoch: \[0\]  \[ ?{every}/{iterations}\]", proc)
+    kill_job(proc)
+    done = max(int(i) for i in re.findall(rf"^Epoch: \[0\]  \[ ?(\d+)/{iterations}\]", log.read_text(), re.M)) + 1
+    assert done % every != 0, "killed at a save point"
+    saved = load_checkpoint(run / "checkpoint.pth")["mid_epoch"]
+    assert saved["epoch"] == 0 and done - saved["iteration"] <= every  # lost at most --save_every_iters
+
+    resumed = finish(launch(argv(data, run, *flags, "--auto_resume"), tmp_path / "log2", processes),
+                     tmp_path / "log2")
+    assert (f"resumed from {run / 'checkpoint.pth'}: continuing epoch 0 of {EPOCHS} after its iteration "
+            f"{saved['iteration']}") in resumed
+    assert_same_run(references[processes], run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes, signum", [(1, signal.SIGUSR1), (2, signal.SIGTERM)])
+def test_a_preemption_signal_saves_and_stops_and_auto_resume_finishes_the_same(data, references, tmp_path,
+                                                                                 processes, signum):
+    """Slurm's SIGUSR1 to the process itself; SIGTERM to torchrun, which passes it to its workers."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = launch(argv(data, run), log, processes)
+    iterations = TRAIN_IMAGES // processes
+    wait_for(log, rf"^Epoch: \[0\]  \[ ?1/{iterations}\]", proc)
+    os.kill(proc.pid, signum)
+    text = finish(proc, log, expected=128 + signum if processes == 1 else 1)
+    saved = load_checkpoint(run / "checkpoint.pth")
+    stopped = re.search(rf"stopped by {signal.Signals(signum).name} after iteration (\d+) of {iterations} of epoch 0; "
+                        rf"{re.escape(str(run / 'checkpoint.pth'))} holds the run", text)
+    assert stopped, text[-3000:]
+    assert saved["mid_epoch"]["iteration"] == int(stopped.group(1)) and saved["epoch"] == -1
+    assert text.count("stopped by") == 1  # from the main process only
+    finish(launch(argv(data, run, "--auto_resume"), tmp_path / "log2", processes), tmp_path / "log2")
+    assert_same_run(references[processes], run)
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_the_group_after_a_worker_dies_and_it_continues_exactly(data, references, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "log"
+    proc = launch(argv(data, run, "--save_every_iters", "2", "--auto_resume"), log, 2, MAX_RESTARTS="1")
+    wait_for(log, r"^Epoch: \[0\]  \[2/4\]", proc)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    text = finish(proc, log)
+    assert "continuing epoch 0 of 2 after its iteration 2" in text  # the restarted group resumed
+    assert_same_run(references[2], run)
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_like_one_node_of_two(data, references, tmp_path):
+    run = tmp_path / "run"
+    port = str(free_port())
+    # OMP_NUM_THREADS: torchrun sets 1 with several processes a node (the reference), not with one
+    nodes = [launch(argv(data, run), tmp_path / f"node{rank}.log", 2, GPUS_PER_NODE="1", NODE_RANK=str(rank),
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1") for rank in (0, 1)]
+    for rank, proc in enumerate(nodes):
+        finish(proc, tmp_path / f"node{rank}.log")
+    assert_same_run(references[2], run)
+
+
+def start_rank(data: Path, out: Path, rank: int, port: int, log: Path, *extra: str) -> subprocess.Popen:
+    """One process of a two-process job without a launcher that supervises it (as srun starts them)."""
+    env = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port)}
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-u", "main.py", *argv(data, out, *extra)], cwd=REPO,
+                                env=subprocess_env(**env), stdout=f, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_when_a_process_dies_the_other_stops_within_the_timeout_with_one_line(data, tmp_path):
+    port = free_port()
+    logs = [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
+    ranks = [start_rank(data, tmp_path / "run", rank, port, logs[rank], "--dist_timeout", "0.5") for rank in (0, 1)]
+    wait_for(logs[0], r"^Epoch: \[0\]  \[1/4\]", ranks[0])
+    ranks[1].kill()
+    killed = time.time()
+    status = ranks[0].wait(timeout=120)
+    assert time.time() - killed < 30 + 15  # --dist_timeout 0.5 minutes, and a margin
+    text = logs[0].read_text()
+    assert status == 1, text[-3000:]
+    lines = [line for line in text.splitlines() if line.startswith(("stopping:", "error:", "Traceback"))]
+    assert len(lines) == 1 and lines[0].startswith("stopping: lost contact with the other processes of the job ("), \
+        text[-3000:]
+
+
+@pytest.mark.slow
+def test_bad_input_met_by_one_process_stops_all_and_is_reported_once(data, tmp_path):
+    """Under torchrun: process 1 meets an undecodable image (its share of the data), the launch
+    ends non-zero, and the error line appears once."""
+    damaged = tmp_path / "coco"
+    subprocess.run(["cp", "-r", str(data), str(damaged)], check=True)
+    # the second image of process 1's share of epoch 0 (the dataset is ordered by image id)
+    images = sorted(json.loads((damaged / "annotations" / "instances_train2017.json").read_text())["images"],
+                    key=lambda image: image["id"])
+    image = damaged / "train2017" / images[int(epoch_order(len(images), 0)[1::2][1])]["file_name"]
+    image.write_bytes(image.read_bytes()[:200])
+    proc = launch(argv(damaged, tmp_path / "run", "--dist_timeout", "0.5"), tmp_path / "log", 2)
+    text = finish(proc, tmp_path / "log", expected=1, timeout=180)
+    assert len(re.findall(r"^error: ", text, re.M)) == 1, text[-3000:]
+    assert re.search(r"^error: image .*cannot read it: .*--skip_bad_images skips such images$", text, re.M)
+
+
+def test_slurm_submission_requeues_the_job_when_a_signal_stopped_the_run(tmp_path):
+    """tools/submit_slurm.sh with stand-ins for sbatch, srun and scontrol."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+
+    def fake(name: str, body: str) -> None:
+        path = bin_dir / name
+        path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        path.chmod(0o755)
+
+    fake("sbatch", f'printf "%s\\n" "$@" > {tmp_path}/sbatch_args\ncat > {tmp_path}/script')
+    fake("scontrol", f'echo "scontrol $*" >> {calls}')
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    proc = subprocess.run(["tools/submit_slurm.sh", "gpu", "ddetr", "16", "./configs/r50_deformable_detr.sh",
+                           "--coco_path", "/data/my coco"], cwd=REPO, capture_output=True, text=True,
+                          env=subprocess_env(PATH=path, TIME="24:00:00"))
+    assert proc.returncode == 0, proc.stderr
+    options = (tmp_path / "sbatch_args").read_text().splitlines()
+    for option in ("--partition=gpu", "--job-name=ddetr", "--nodes=2", "--ntasks-per-node=8", "--gres=gpu:8",
+                   "--requeue", "--signal=USR1@120", "--open-mode=append", "--time=24:00:00"):
+        assert option in options, options
+
+    script = tmp_path / "script"
+    for status, requeued in ((138, True), (143, True), (0, False), (1, False)):
+        calls.unlink(missing_ok=True)
+        fake("srun", f'printf "%s\\n" "$@" > {tmp_path}/srun_args\nexit {status}')
+        run = subprocess.run(["bash", str(script)], capture_output=True, text=True,
+                             env=subprocess_env(PATH=path, SLURM_JOB_ID="4242"))
+        assert run.returncode == status
+        assert (calls.read_text().strip() if calls.exists() else "") == ("scontrol requeue 4242" if requeued else "")
+        assert (tmp_path / "srun_args").read_text().splitlines() == [
+            "--kill-on-bad-exit=1", "./configs/r50_deformable_detr.sh", "--coco_path", "/data/my coco",
+            "--auto_resume"]
