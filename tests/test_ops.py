@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -512,7 +512,7 @@ def test_cuda_token_count_on_the_gpu_names_no_level():
     assert "level 2" not in output
 
 
-def launched_kernels(fn) -> list[str]:
+def launched_kernels(fn: Callable[[], object]) -> list[str]:
     """The names of the CUDA kernels that ``fn()`` launches."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         fn()
@@ -529,7 +529,9 @@ def test_cuda_metadata_on_the_gpu_costs_no_launch_of_its_own():
     inputs = make_inputs(*CASES["basic"], dtype=torch.float32, device="cuda")
     grad_output = torch.randn(2, 7, 15, device="cuda")
     backward = torch.ops.deformable_detr.ms_deform_attn_backward
-    compiled_op(*inputs), backward(grad_output, *inputs)  # warm-up
+    # Warm-up: the first calls load the kernels and fill the allocators' caches.
+    compiled_op(*inputs)
+    backward(grad_output, *inputs)
     ours = [name for name in launched_kernels(lambda: compiled_op(*inputs)) if "deformable_detr" in name]
     assert len(ours) == 1 and "forward_kernel" in ours[0], ours
     ours = [name for name in launched_kernels(lambda: backward(grad_output, *inputs)) if "deformable_detr" in name]
@@ -871,7 +873,9 @@ class TestBuildArchitectures:
 
     @staticmethod
     def _file_dated(path: Path, seconds_after_newest_source: int) -> Path:
-        newest = max(f.stat().st_mtime_ns for f in [*(OPS_DIR / "csrc").rglob("*"), OPS_DIR / "setup.py"])
+        # Files only, as setup.py compares (a directory's mtime moves when a file in it is replaced).
+        sources = [f for f in (OPS_DIR / "csrc").rglob("*") if f.is_file()] + [OPS_DIR / "setup.py"]
+        newest = max(f.stat().st_mtime_ns for f in sources)
         path.write_bytes(b"")
         os.utime(path, ns=(newest + seconds_after_newest_source * 10**9,) * 2)
         return path
