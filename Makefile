@@ -34,7 +34,9 @@ test-fast: build install-test
 	$(PYTHON) -m pytest -q -m "not slow" tests
 
 # The demo runs on the CPU, so it builds the CPU kernel alone (an existing build with the CUDA
-# kernel serves as well); make build and make test still build the CUDA kernel where nvcc is.
+# kernel serves as well): MSDA_WITH_CUDA=0 is the only way to skip the CUDA kernel where nvcc is,
+# and setup.py says so in one line. make build and make test build the CUDA kernel where nvcc is,
+# and fail when it does not compile.
 demo: install
 	MSDA_WITH_CUDA=0 $(PYTHON) ops/setup.py build_ext --inplace
 	PYTHON=$(PYTHON) bash tools/run_demo.sh

@@ -20,6 +20,10 @@ else:
 
 BUILD_COMMAND = "python ops/setup.py build_ext --inplace"
 
+# The dtypes of value the kernels are compiled for (float8 types are floating point, but not among
+# them).
+SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
 
 def unavailable_reason(device_type: str) -> str | None:
     """Why the compiled kernel cannot run on ``device_type``; ``None`` when it can."""
@@ -66,7 +70,9 @@ def _check_shapes(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
     torch._check_value(attention_weights.shape == sampling_locations.shape[:5],
                        lambda: "attention_weights must be (B, Lq, heads, levels, points), got shape "
                                f"{tuple(attention_weights.shape)}")
-    torch._check_value(value.is_floating_point(), lambda: f"value must be floating point, got {value.dtype}")
+    torch._check_value(value.dtype in SUPPORTED_DTYPES,
+                       lambda: "value's dtype must be float64, float32, float16 or bfloat16; "
+                               f"{value.dtype} is not supported")
     torch._check_value(dtypes_fit(value.dtype, sampling_locations.dtype, attention_weights.dtype),
                        lambda: "value, sampling_locations and attention_weights must share a dtype (or "
                                "float32 locations and weights beside a float16 / bfloat16 value)")

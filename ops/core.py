@@ -83,8 +83,9 @@ def _check_inputs(value: Tensor, spatial_shapes: Tensor, level_start_index: Tens
         raise ValueError("attention_weights must be (B, Lq, heads, levels, points) = "
                          f"{tuple(sampling_locations.shape[:5])}, "
                          f"got shape {tuple(attention_weights.shape)}")
-    if not value.is_floating_point():
-        raise ValueError(f"value must be floating point, got {value.dtype}")
+    if value.dtype not in _extension.SUPPORTED_DTYPES:
+        raise ValueError("value's dtype must be float64, float32, float16 or bfloat16; "
+                         f"{value.dtype} is not supported")
     if not _extension.dtypes_fit(value.dtype, sampling_locations.dtype, attention_weights.dtype):
         raise ValueError("value, sampling_locations and attention_weights must share a dtype (or, for a "
                          "float16 / bfloat16 value, sampling_locations and attention_weights may be "
@@ -136,9 +137,11 @@ def _use_compiled_kernel(device_type: str) -> bool:
     if backend == "compiled":
         raise RuntimeError(f"{BACKEND_ENV}=compiled but the compiled kernel cannot run: {reason}")
     if reason not in _warned_reasons:
-        _warned_reasons.add(reason)
         warnings.warn(f"ms_deform_attn falls back to the slower pure-PyTorch path: {reason}",
                       stacklevel=3)
+        # Noted only once the warning returns: where warnings are errors (the tests), every
+        # fallback raises, not only the first.
+        _warned_reasons.add(reason)
     return False
 
 

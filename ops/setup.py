@@ -8,14 +8,16 @@ The CPU kernel is always built. The CUDA kernel is added when the CUDA toolkit i
 (``CUDA_HOME``, ``CUDA_PATH``, ``/usr/local/cuda`` or ``nvcc`` on ``PATH``) and PyTorch was
 built with CUDA; no GPU is needed. The target architectures come from ``TORCH_CUDA_ARCH_LIST``;
 when it is unset, the build is for the GPUs that are visible (fast), or, with none visible, for
-:data:`DEFAULT_ARCH_LIST`. If the CUDA part fails to compile, the CPU-only extension is built
-instead and the reason is printed. ``MSDA_WITH_CUDA=0`` skips the CUDA part.
+:data:`DEFAULT_ARCH_LIST`. A failed build (the CUDA part included) exits non-zero after the
+compiler's error, and nothing stands in for it: ``MSDA_WITH_CUDA=0`` is the one way to build the
+CPU kernel alone where the CUDA kernel would be built (``make demo`` uses it).
 
-What the extension was built with is recorded beside it (:data:`BUILD_RECORD`). An extension
-newer than its sources and built against this torch is kept when it has everything asked for (a
-CUDA build also serves a CPU-only request, and a build for more architectures one for fewer);
-otherwise it is rebuilt, so that a CPU-only build (``make demo``) does not stand in for the CUDA
-one ``make test`` asks for, and ``make demo`` after ``make build`` keeps the CUDA build.
+What the extension was built with is recorded beside it (:data:`BUILD_RECORD`), after a build
+that succeeded. An extension newer than its sources and built against this torch is kept when it
+has everything asked for (a CUDA build also serves a CPU-only request, and a build for more
+architectures one for fewer); otherwise it is rebuilt, so that a CPU-only build (``make demo``)
+does not stand in for the CUDA one ``make test`` asks for, and ``make demo`` after ``make build``
+keeps the CUDA build.
 """
 import json
 import os
@@ -53,6 +55,7 @@ if CUDA_HOME is not None:
 
 import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
+from setuptools.errors import CCompilerError  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 NAME = "ops._C"
@@ -120,17 +123,14 @@ def build_covers(record: dict | None, wanted: str | None) -> bool:
     """Whether the build described by ``record`` has what a build for ``wanted`` would have.
 
     ``wanted`` is a ``TORCH_CUDA_ARCH_LIST`` or ``None`` for the CPU kernel alone; a record holds
-    ``cuda_arch_list`` (``None``: CPU only) and, after a CUDA build that failed and fell back to the
-    CPU kernel, ``cuda_failed_for`` (which is not tried again until the sources change).
+    ``cuda_arch_list``, ``None`` for a CPU-only build.
     """
     if record is None:
         return False
     if wanted is None:
         return True
     built = record.get("cuda_arch_list")
-    if built is None:
-        return record.get("cuda_failed_for") == wanted
-    return set(wanted.split(";")) <= set(built.split(";"))
+    return built is not None and set(wanted.split(";")) <= set(built.split(";"))
 
 
 def newer_than_sources(path: Path) -> bool:
@@ -148,8 +148,8 @@ def can_keep(record: dict | None, wanted: str | None, outputs: list[Path]) -> bo
             and all(newer_than_sources(path) for path in outputs))
 
 
-class BuildWithFallback(BuildExtension):
-    """Builds the CUDA extension and, should that fail, the CPU-only one; records which it built."""
+class BuildOrKeep(BuildExtension):
+    """Keeps an extension that has what is asked for, else builds it and records what it built."""
 
     def build_extensions(self) -> None:
         with_cuda = any(source.endswith(".cu") for ext in self.extensions for source in ext.sources)
@@ -162,24 +162,13 @@ class BuildWithFallback(BuildExtension):
         # Decided here rather than by setuptools' own check (which looks at the sources only) or
         # by ninja's (which torch always runs, rebuilding a CUDA build into a CPU-only one).
         self.force = True
-        record = {"torch": torch.__version__, "cuda_arch_list": wanted}
         try:
             super().build_extensions()
-        except Exception as exc:  # a compiler error, a toolkit mismatch, ...
-            if not with_cuda:
-                raise
-            print(f"ops/setup.py: building the CUDA kernel failed ({exc}); "
-                  "building the CPU-only extension instead", file=sys.stderr)
-            fallback = cpu_extension()
-            for ext in self.extensions:
-                ext.sources = fallback.sources
-                ext.define_macros = fallback.define_macros
-                ext.library_dirs = fallback.library_dirs
-                ext.libraries = fallback.libraries
-                ext.extra_compile_args = fallback.extra_compile_args
-                ext.extra_link_args = fallback.extra_link_args
-            super().build_extensions()
-            record.update(cuda_arch_list=None, cuda_failed_for=wanted)
+        except (RuntimeError, CCompilerError) as exc:  # a compiler error, a toolkit mismatch, ...
+            # A clear last line instead of a traceback; the compiler's own output is above it.
+            hint = "; MSDA_WITH_CUDA=0 builds the CPU kernel alone" if with_cuda else ""
+            raise SystemExit(f"ops/setup.py: building {NAME} failed: {exc}{hint}") from exc
+        record = {"torch": torch.__version__, "cuda_arch_list": wanted}
         BUILD_RECORD.write_text(json.dumps(record) + "\n")
 
 
@@ -199,7 +188,7 @@ def main() -> None:
         version="0.1.0",
         description="Multi-scale deformable attention kernels for Deformable DETR",
         ext_modules=[extension],
-        cmdclass={"build_ext": BuildWithFallback},
+        cmdclass={"build_ext": BuildOrKeep},
     )
 
 

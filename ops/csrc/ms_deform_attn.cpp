@@ -14,6 +14,11 @@ bool is_index_dtype(at::ScalarType dtype) {
   return at::isIntegralType(dtype, /*includeBool=*/false);
 }
 
+// The dtypes of value the kernels are compiled for.
+bool is_supported_float(at::ScalarType dtype) {
+  return dtype == at::kDouble || dtype == at::kFloat || is_reduced_float(dtype);
+}
+
 }  // namespace
 
 bool is_reduced_float(at::ScalarType dtype) {
@@ -44,8 +49,10 @@ void check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
                     "attention_weights must be (B, Lq, heads, levels, points) = ",
                     sampling_locations.sizes().slice(0, 5), ", got shape ",
                     attention_weights.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(value.scalar_type()),
-                    "value must be floating point, got ", value.scalar_type());
+  // An allowlist: float8 types count as floating point, but no kernel is compiled for them.
+  TORCH_CHECK_VALUE(is_supported_float(value.scalar_type()),
+                    "value's dtype must be float64, float32, float16 or bfloat16; ",
+                    value.scalar_type(), " is not supported");
   TORCH_CHECK_VALUE(attention_weights.scalar_type() == sampling_locations.scalar_type() &&
                         (sampling_locations.scalar_type() == value.scalar_type() ||
                          (is_reduced_float(value.scalar_type()) &&

@@ -20,8 +20,11 @@
 // index_put_ with accumulation, deterministic in that mode, sums them in a fixed order; a group
 // that leaves several sums stores them as partials, which are then summed in a fixed order too.
 //
-// Level metadata is checked as on the CPU: on the host when it is there, and by a one-thread
-// kernel (a device-side assertion, no host synchronisation) when it is on the GPU.
+// Level metadata is checked as on the CPU. Metadata on the CPU is checked there and copied to the
+// GPU from pinned memory (no host synchronisation). Metadata on the GPU is checked by the first
+// thread of the call's first sampling kernel once it has sampled, a failure being a device-side
+// assertion: no launch of its own and no host synchronisation (and a call that launches no
+// sampling kernel, having nothing to sample, checks nothing on the GPU).
 #include "../ms_deform_attn.h"
 #include "../sampling.h"
 
@@ -67,8 +70,9 @@ __device__ __forceinline__ Pack<T, N> load_pack(const T* ptr) {
 }
 
 // Adds w * grad[c] to dst[c] for the CPT channels of one thread. On sm_90 and newer, float sums
-// use the 16- and 8-byte vector atomics: dst points into grad_value, a fresh allocation, at an
-// offset that is a multiple of CPT, so it is aligned for them. Elsewhere one atomic per channel.
+// use the 16- and 8-byte vector atomics: dst points into grad_value at an offset that is a
+// multiple of CPT, and channels_per_thread has checked grad_value's own alignment for them.
+// Elsewhere one atomic per channel.
 template <int CPT, typename acc_t>
 __device__ __forceinline__ void atomic_add_scaled(acc_t* dst, acc_t w, const acc_t (&grad)[CPT]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -158,12 +162,52 @@ __device__ __forceinline__ void for_each_sample(const Geometry& g, const int64_t
   }
 }
 
+// The device-side counterpart of check_levels, run by one thread: on inconsistent metadata it
+// prints what is wrong, worded as check_levels words it, and stops the kernel with a device-side
+// assertion. The sampling loops skip any level that does not fit in value, so the threads that
+// run before the assertion never read out of bounds.
+__device__ __noinline__ void assert_levels(const int64_t* shapes, const int64_t* starts,
+                                           int64_t levels, int64_t spatial) {
+  const LevelsCheck check = check_level_metadata(shapes, starts, levels, spatial);
+  const long long l = check.level;
+  switch (check.error) {
+    case LevelsError::kNone:
+      return;
+    case LevelsError::kNotPositive:
+      printf("ms_deform_attn: spatial_shapes must be positive, level %lld is (%lld, %lld)\n", l,
+             static_cast<long long>(shapes[2 * l]), static_cast<long long>(shapes[2 * l + 1]));
+      break;
+    case LevelsError::kStart:
+      printf(
+          "ms_deform_attn: level_start_index[%lld] is %lld but the levels before it hold %lld "
+          "tokens (it must be the running sum of H * W)\n",
+          l, static_cast<long long>(starts[l]), static_cast<long long>(check.tokens));
+      break;
+    case LevelsError::kTooManyTokens:
+      printf(
+          "ms_deform_attn: value has S = %lld tokens but level %lld of spatial_shapes, (%lld, "
+          "%lld), does not fit in the %lld tokens left after the levels before it\n",
+          static_cast<long long>(spatial), l, static_cast<long long>(shapes[2 * l]),
+          static_cast<long long>(shapes[2 * l + 1]),
+          static_cast<long long>(spatial - check.tokens));
+      break;
+    case LevelsError::kTokenCount:
+      printf("ms_deform_attn: value has S = %lld tokens but spatial_shapes sums to %lld\n",
+             static_cast<long long>(spatial), static_cast<long long>(check.tokens));
+      break;
+  }
+  CUDA_KERNEL_ASSERT(check.error == LevelsError::kNone);
+}
+
+// With levels_unchecked (metadata that came from the GPU) the first thread checks the level
+// metadata (assert_levels) once it has sampled: the check adds no launch, and at the end of the
+// thread's work it holds the fewest registers across the call (see ops/README.md on spills).
 template <typename scalar_t, typename loc_t, int CPT>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
                    const int64_t* __restrict__ starts, const loc_t* __restrict__ locations,
                    const loc_t* __restrict__ weights, scalar_t* __restrict__ output,
-                   Geometry g, int64_t total) {
+                   Geometry g, int64_t total, bool levels_unchecked) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= total) {
@@ -203,6 +247,9 @@ __global__ void __launch_bounds__(kThreads)
     out.v[c] = static_cast<scalar_t>(acc[c]);
   }
   *reinterpret_cast<Pack<scalar_t, CPT>*>(output + t.bqh * g.channels + t.channel) = out;
+  if (levels_unchecked && index == 0) {
+    assert_levels(shapes, starts, g.levels, g.spatial);
+  }
 }
 
 // How the channel threads of one (batch, query, head) sum their location and weight gradients:
@@ -262,7 +309,7 @@ __device__ __forceinline__ SampleGrad<acc_t> segment_sum(SampleGrad<acc_t> grad,
 // scattered (deterministic mode). The location and weight sums go to grad_locations and
 // grad_weights directly when each group leaves one, else to `partials`, (B, launch_queries,
 // heads, levels, points, per_group, 3) for [attn, x, y] and zero-filled, when it is given, else
-// atomically.
+// atomically. levels_unchecked: as in forward_kernel.
 template <typename scalar_t, typename loc_t, int CPT>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ value,
@@ -272,7 +319,7 @@ __global__ void __launch_bounds__(kThreads)
                     at::opmath_type<scalar_t>* __restrict__ grad_locations,
                     at::opmath_type<scalar_t>* __restrict__ grad_weights, Geometry g,
                     int64_t q_begin, int64_t launch_queries, int64_t total, Reduction reduction,
-                    at::opmath_type<scalar_t>* __restrict__ partials) {
+                    at::opmath_type<scalar_t>* __restrict__ partials, bool levels_unchecked) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   // Threads past the end stay to the end: they take part in the shuffles with zeros. Whole
@@ -338,6 +385,9 @@ __global__ void __launch_bounds__(kThreads)
           gpuAtomicAdd(grad_locations + 2 * sample + 1, grad.y);
         }
       });
+  if (levels_unchecked && index == 0) {
+    assert_levels(shapes, starts, g.levels, g.spatial);
+  }
 }
 
 // Deterministic mode: for the queries [q_begin, q_begin + chunk_queries), lists what backward
@@ -396,17 +446,27 @@ constexpr int64_t kDeterministicChunkBytes = int64_t(256) << 20;
 // budgeted at four int64 per row (an estimate, not measured on a GPU yet).
 constexpr int64_t kSortBytesPerRow = 4 * int64_t(sizeof(int64_t));
 
-// Channels per thread: the most (8, 4, 2 or 1) that fit one vector of kMaxVectorBytes, divide C,
-// and keep every pointer in `aligned` aligned for a vector of that many elements.
+// A buffer that a kernel reads or writes CPT elements of element_size bytes at a time: with one
+// vector load or store (value, grad_output, output), or with vector atomics of at most
+// kMaxVectorBytes (grad_value, whose elements are the accumulation type's, not value's).
+struct VectorBuffer {
+  const void* data;
+  int64_t element_size;
+};
+
+// Channels per thread: the most (8, 4, 2 or 1) whose vector of value's elements (element_size
+// bytes) fits kMaxVectorBytes, that divide C, and for which every buffer is aligned for its
+// accesses of that many elements.
 int channels_per_thread(int64_t channels, int64_t element_size,
-                        std::initializer_list<const void*> aligned) {
+                        std::initializer_list<VectorBuffer> buffers) {
   int cpt = static_cast<int>(std::min<int64_t>(8, kMaxVectorBytes / element_size));
   const auto fits = [&](int n) {
     if (channels % n != 0) {
       return false;
     }
-    for (const void* ptr : aligned) {
-      if (reinterpret_cast<std::uintptr_t>(ptr) % (n * element_size) != 0) {
+    for (const VectorBuffer& buffer : buffers) {
+      const int64_t bytes = std::min<int64_t>(n * buffer.element_size, kMaxVectorBytes);
+      if (reinterpret_cast<std::uintptr_t>(buffer.data) % bytes != 0) {
         return false;
       }
     }
@@ -465,45 +525,48 @@ unsigned int blocks_for(int64_t total) {
   return static_cast<unsigned int>(blocks);
 }
 
-__global__ void check_levels_kernel(const int64_t* __restrict__ shapes,
-                                    const int64_t* __restrict__ starts, int64_t levels,
-                                    int64_t spatial) {
-  const LevelsCheck check = check_level_metadata(shapes, starts, levels, spatial);
-  if (check.error != LevelsError::kNone) {
-    printf(
-        "ms_deform_attn: inconsistent level metadata at level %lld: spatial_shapes must be "
-        "positive, level_start_index the running sum of H * W, and the levels must hold the "
-        "S = %lld tokens of value\n",
-        static_cast<long long>(check.level), static_cast<long long>(spatial));
+// A level metadata tensor (integer, on the CPU or on value's device) as contiguous int64: on the
+// CPU it is copied into pinned memory, from which the copy to the GPU is asynchronous (one from
+// pageable memory would make the host wait for the stream).
+at::Tensor staged_int64(const at::Tensor& meta) {
+  if (!meta.is_cpu()) {
+    return meta.to(at::kLong).contiguous();
   }
-  CUDA_KERNEL_ASSERT(check.error == LevelsError::kNone);
+  at::Tensor pinned =
+      at::empty(meta.sizes(), at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  pinned.copy_(meta);
+  return pinned;
 }
 
-// spatial_shapes and level_start_index as contiguous int64 tensors on value's device, checked
-// as the CPU kernel checks them: on the host (ValueError) when both are on the CPU, else by
-// check_levels_kernel on `stream`, whose failure is a device-side assertion.
+// A staged_int64 tensor on `device`.
+at::Tensor on_device(const at::Tensor& staged, const at::Device& device) {
+  if (!staged.is_cpu()) {
+    return staged;
+  }
+  at::Tensor copy = at::empty(staged.sizes(), at::TensorOptions().dtype(at::kLong).device(device));
+  copy.copy_(staged, /*non_blocking=*/true);
+  return copy;
+}
+
+// spatial_shapes and level_start_index as contiguous int64 tensors on value's device. When both
+// are on the CPU they are checked there (ValueError, as by the CPU kernel); otherwise `unchecked`
+// is set, and the call's first sampling kernel checks them on the device (assert_levels).
 struct LevelTensors {
   at::Tensor shapes;
   at::Tensor starts;
+  bool unchecked;
 };
 
 LevelTensors level_metadata(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                            const at::Tensor& value, cudaStream_t stream) {
-  const int64_t levels = spatial_shapes.size(0);
-  if (spatial_shapes.is_cpu() && level_start_index.is_cpu()) {
-    const at::Tensor shapes = spatial_shapes.to(at::kLong).contiguous();
-    const at::Tensor starts = level_start_index.to(at::kLong).contiguous();
-    check_levels(shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(), levels,
-                 value.size(1));
-    return {shapes.to(value.device()), starts.to(value.device())};
+                            const at::Tensor& value) {
+  const at::Tensor shapes = staged_int64(spatial_shapes);
+  const at::Tensor starts = staged_int64(level_start_index);
+  const bool on_host = shapes.is_cpu() && starts.is_cpu();
+  if (on_host) {
+    check_levels(shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
+                 shapes.size(0), value.size(1));
   }
-  at::Tensor shapes = spatial_shapes.to(value.device(), at::kLong).contiguous();
-  at::Tensor starts = level_start_index.to(value.device(), at::kLong).contiguous();
-  check_levels_kernel<<<1, 1, 0, stream>>>(shapes.const_data_ptr<int64_t>(),
-                                           starts.const_data_ptr<int64_t>(), levels,
-                                           value.size(1));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {shapes, starts};
+  return {on_device(shapes, value.device()), on_device(starts, value.device()), !on_host};
 }
 
 at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -514,15 +577,17 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
   const c10::cuda::CUDAGuard guard(value.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Geometry g = geometry_of(value, sampling_locations);
-  const LevelTensors meta = level_metadata(spatial_shapes, level_start_index, value, stream);
+  const LevelTensors meta = level_metadata(spatial_shapes, level_start_index, value);
   const at::Tensor& shapes = meta.shapes;
   const at::Tensor& starts = meta.starts;
   const at::Tensor value_c = value.contiguous();
   const at::Tensor locations_c = sampling_locations.contiguous();
   const at::Tensor weights_c = attention_weights.contiguous();
   at::Tensor output = at::empty({g.batch, g.queries, g.heads * g.channels}, value.options());
-  const int cpt = channels_per_thread(g.channels, static_cast<int64_t>(value.element_size()),
-                                      {value_c.const_data_ptr(), output.const_data_ptr()});
+  const int64_t element_size = static_cast<int64_t>(value.element_size());
+  const int cpt = channels_per_thread(g.channels, element_size,
+                                      {{value_c.const_data_ptr(), element_size},
+                                       {output.const_data_ptr(), element_size}});
   const int64_t total = g.batch * g.queries * g.heads * (g.channels / cpt);
   if (total == 0) {
     return output.zero_();
@@ -537,7 +602,7 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
                     value_c.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(),
                     starts.const_data_ptr<int64_t>(), locations_c.const_data_ptr<loc_t>(),
                     weights_c.const_data_ptr<loc_t>(), output.mutable_data_ptr<scalar_t>(), g,
-                    total);
+                    total, meta.unchecked);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         });
@@ -555,7 +620,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const Geometry g = geometry_of(value, sampling_locations);
-  const LevelTensors meta = level_metadata(spatial_shapes, level_start_index, value, stream);
+  const LevelTensors meta = level_metadata(spatial_shapes, level_start_index, value);
   const at::Tensor& shapes = meta.shapes;
   const at::Tensor& starts = meta.starts;
   const at::Tensor grad_output_c = grad_output.contiguous();
@@ -567,10 +632,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   at::Tensor grad_value = at::zeros(value.sizes(), acc_options);
   at::Tensor grad_locations = at::zeros(sampling_locations.sizes(), acc_options);
   at::Tensor grad_weights = at::zeros(attention_weights.sizes(), acc_options);
-  // grad_value is in the list because the sm_90 vector atomics need it aligned like value.
-  const int cpt = channels_per_thread(g.channels, static_cast<int64_t>(value.element_size()),
-                                      {value_c.const_data_ptr(), grad_output_c.const_data_ptr(),
-                                       grad_value.const_data_ptr()});
+  // grad_value is in the list for the sm_90 vector atomics, with its own (float32 for half and
+  // bfloat16) element size.
+  const int64_t element_size = static_cast<int64_t>(value.element_size());
+  const int cpt = channels_per_thread(
+      g.channels, element_size,
+      {{value_c.const_data_ptr(), element_size},
+       {grad_output_c.const_data_ptr(), element_size},
+       {grad_value.const_data_ptr(), static_cast<int64_t>(grad_value.element_size())}});
   const int64_t groups = g.channels / cpt;
   const Reduction reduction = reduction_for(groups);
   const int64_t threads_per_query = g.batch * g.heads * groups;
@@ -593,7 +662,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
                         weights_c.const_data_ptr<loc_t>(), scatter,
                         grad_locations.mutable_data_ptr<acc_t>(),
                         grad_weights.mutable_data_ptr<acc_t>(), g, q_begin, queries, threads,
-                        reduction, partials);
+                        reduction, partials, meta.unchecked && q_begin == 0);
                 C10_CUDA_KERNEL_LAUNCH_CHECK();
               };
               if (!deterministic) {
