@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from datasets.coco_eval import CocoEvaluator
 from util.dist import get_world_size, is_main_process, reduce_dict
+from util.ema import ModelEMA
 from util.logger import MetricLogger, SmoothedValue, print_main
 from util.misc import NestedTensor, full_precision
 
@@ -195,16 +196,17 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     max_norm: float = 0, print_freq: int = 10, amp: torch.dtype | None = None,
                     scaler: torch.amp.GradScaler | None = None, start: int = 0,
-                    meters: Mapping[str, tuple[int, float]] | None = None,
-                    control: EpochControl | None = None) -> dict[str, float]:
+                    meters: Mapping[str, tuple[int, float, Sequence[float]]] | None = None,
+                    controls: Sequence[EpochControl] = (), ema: ModelEMA | None = None) -> dict[str, float]:
     """Train for one pass over ``data_loader``; return each logged value's average over the epoch
     and over all processes.
 
     ``max_norm > 0`` clips the gradient norm to it; ``grad_norm`` is logged either way (before
     clipping). ``amp`` and ``scaler``: see :func:`train_step`. A resumed epoch passes the
     iterations already done as ``start`` (``data_loader`` then holds the rest) and the meters of
-    that part (:meth:`~util.logger.MetricLogger.state`), so the averages are the whole epoch's;
-    ``control`` is called around every step.
+    that part (:meth:`~util.logger.MetricLogger.state`), so the averages are the whole epoch's.
+    ``controls`` are called around every step, in order (their requests combined); ``ema`` is
+    updated after every step.
     """
     model.train()
     criterion.train()
@@ -217,13 +219,18 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     header = f"Epoch: [{epoch}]"
     for iteration, (samples, targets) in logger.log_every(data_loader, print_freq, header, device, start=start):
         samples, targets = to_device(samples, targets, device)
-        requests = control.requests() if control is not None else None
+        requests = None
+        if controls:
+            asked = [control.requests() for control in controls]
+            requests = StepRequests(save=any(r.save for r in asked), stop=any(r.stop for r in asked))
         values = train_step(model, criterion, samples, targets, optimizer, max_norm, amp, scaler, requests)
+        if ema is not None:
+            ema.update(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
         logger.update(**values)
         if "class_error_unscaled" in values:
             logger.update(class_error=values["class_error_unscaled"])
         logger.update(lr=optimizer.param_groups[0]["lr"])
-        if control is not None:
+        for control in controls:
             control.after_step(iteration, requests, logger)
     logger.synchronize_between_processes(device)
     print_main("Averaged stats:", logger)

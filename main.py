@@ -49,6 +49,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.resume and args.finetune:
         raise InputValueError("--resume and --finetune exclude each other: --resume continues a run, "
                               "--finetune starts a new one from a checkpoint's weights")
+    if args.ema_eval_only and not args.ema:
+        raise InputValueError("--ema_eval_only needs --ema (it evaluates the averaged weights only)")
     if args.auto_resume and not args.output_dir:
         raise InputValueError("--auto_resume needs --output_dir (it resumes from output_dir/checkpoint.pth)")
     if args.output_dir:
@@ -111,8 +113,10 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     from datasets.samplers import epoch_order
     from engine import AMP_DTYPES, evaluate, train_one_epoch
     from models import build_model
+    from util.board import TrainingBoard
     from util.checkpoint import (
         check_optimizer_state,
+        checkpoint_weights,
         completed_epoch,
         load_checkpoint,
         load_weights,
@@ -123,6 +127,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         trim_log_on_main,
     )
     from util.dist import all_gather, destroy_distributed, init_distributed
+    from util.ema import ModelEMA
     from util.logger import MetricLogger, print_main
     from util.misc import epoch_seed, seed_everything
     from util.optim import build_optimizer
@@ -146,6 +151,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     progress = mid_epoch_progress(checkpoint) if last_epoch is not None else None
 
     env = init_distributed(torch.device(args.device).type, datetime.timedelta(minutes=args.dist_timeout))
+    board = None
     try:
         if start.note:
             print_main(start.note)
@@ -184,18 +190,27 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         amp = AMP_DTYPES[args.amp]
         # float16 needs loss scaling (its range is too small for the gradients); bfloat16 does not.
         scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+        if args.eval and args.ema and checkpoint is None:
+            raise InputValueError("--eval --ema evaluates a checkpoint's averaged weights: give it with --resume")
         if checkpoint is not None:
-            dropped = load_weights(model, checkpoint["model"], start.path, other_classes=start.finetune)
+            weights = checkpoint_weights(checkpoint, start.path, ema=args.eval and args.ema)
+            dropped = load_weights(model, weights, start.path, other_classes=start.finetune)
             if start.finetune:
                 print_main(f"fine-tuning from {start.path}; class heads left out (shape differs from "
                            f"--num_classes {args.num_classes}): {dropped if dropped else 'none'}")
+        ema = ModelEMA(model, args.ema_decay, args.ema_warmup) if args.ema and not args.eval else None
+        if ema is not None and last_epoch is not None:
+            if "ema" in checkpoint:
+                ema.load_state_dict(checkpoint["ema"])
+            else:
+                print_main(f"note: {start.path} holds no averaged weights; the average starts from its weights")
         model_without_ddp = model
         if env.distributed:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[env.local_rank] if device.type == "cuda" else None)
 
-        def run_evaluation():
-            return evaluate(model, criterion, postprocessors, loaders.val, dataset_val.coco, device,
+        def run_evaluation(weights: nn.Module = model):
+            return evaluate(weights, criterion, postprocessors, loaders.val, dataset_val.coco, device,
                             print_freq=args.print_freq, amp=amp)
 
         if args.eval:
@@ -204,7 +219,8 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                 after = f" (after epoch {checkpoint['epoch']}" + (
                     f" and {mid_epoch_progress(checkpoint)['iteration']} iterations of the next"
                     if mid_epoch_progress(checkpoint) else "") + ")"
-            print_main(f"evaluating {start.path or 'the initial weights'}{after}")
+            averaged = " (its averaged weights)" if args.ema else ""
+            print_main(f"evaluating {start.path or 'the initial weights'}{averaged}{after}")
             _, coco_evaluator = run_evaluation()
             if args.output_dir:
                 output_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +245,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
             print_main(f"resumed from {start.path}: {where}, learning rates {rates}")
         if start.path and not start.finetune:
             # The original evaluates the resumed model before continuing, as a check.
-            run_evaluation()
+            run_evaluation(ema.module if args.ema_eval_only else model)
         # Created only now, when every check has passed, so that a failed start leaves nothing behind.
         if args.output_dir:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -239,12 +255,31 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         # A resumed run continues its saved schedule; its checkpoints' args say so.
         saved_args = argparse.Namespace(**{**vars(args), "lr_drop": lr_scheduler.step_size})
 
+        # The best validation AP so far (of the averaged weights with --ema), carried by the checkpoints.
+        best = checkpoint.get("best") if last_epoch is not None else None
+
         def training_state(epoch: int) -> dict:
             state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                      "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": saved_args}
             if scaler is not None:
                 state["scaler"] = scaler.state_dict()
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            if best is not None:
+                state["best"] = best
             return state
+
+        iterations_per_epoch = len(loaders.train)
+        if args.output_dir and args.tensorboard and env.rank == 0:
+            done = 0
+            if last_epoch is not None:  # the iterations the run has done
+                done = start_epoch * iterations_per_epoch + (progress["iteration"] if progress else 0)
+            board = TrainingBoard(output_dir / "tensorboard", iterations_per_epoch, list(criterion.weight_dict),
+                                  optimizer, args.print_freq, resume_step=done)
+            # the detections of a few fixed validation images, drawn after every epoch
+            pictures = [(dataset_val.decode(i), dataset_val[i][0], dataset_val.ids[i])
+                        for i in range(min(4, len(dataset_val)))]
+            class_names = {c["id"]: c["name"] for c in dataset_val.coco.cats.values() if "name" in c}
 
         print_main("Start training")
         start_time = time.time()
@@ -255,6 +290,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                                       env.rank == 0) if args.output_dir else None
         with signals if args.output_dir else contextlib.nullcontext():
             for epoch in range(start_epoch, args.epochs):
+                epoch_start = time.time()
                 seed_everything(epoch_seed(args.seed, env.rank, env.world_size, epoch))
                 order = epoch_order(len(dataset_train), epoch)
                 skip, meters = 0, None
@@ -272,23 +308,48 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
                                           "processes": processes}
                     save_on_main(state, checkpoint_path)
 
+                if board is not None:
+                    board.begin_epoch(epoch, first + len(loaders.train))
                 if control is not None:
                     control.begin_epoch(epoch, first + len(loaders.train), save_progress)
+                controls = [c for c in (board, control) if c is not None]
                 train_stats = train_one_epoch(model, criterion, loaders.train, optimizer, device, epoch,
                                               args.clip_max_norm, args.print_freq, amp=amp, scaler=scaler,
-                                              start=first, meters=meters, control=control)
+                                              start=first, meters=meters, controls=controls, ema=ema)
                 lr_scheduler.step()
-                test_stats, coco_evaluator = run_evaluation()
+                # the raw weights as the original, and (or, with --ema_eval_only, only) the averaged ones
+                evaluations = {}
+                if not args.ema_eval_only:
+                    evaluations["test"] = run_evaluation()
+                if ema is not None:
+                    evaluations["test_ema"] = run_evaluation(ema.module)
+                tracked = "test_ema" if ema is not None else "test"
+                ap = evaluations[tracked][0]["coco_eval_bbox"][0]
+                improved = best is None or ap > best["ap"]
+                if improved:
+                    best = {"epoch": epoch, "ap": ap, "weights": "averaged" if ema is not None else "model"}
                 if args.output_dir:
-                    log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                                 **{f"test_{k}": v for k, v in test_stats.items()},
-                                 "epoch": epoch, "n_parameters": n_parameters}
-                    save_epoch(output_dir, epoch, log_stats, coco_evaluator.coco_eval["bbox"].eval,
-                               training_state(epoch), lr_scheduler.step_size)
+                    log_stats = {f"train_{k}": v for k, v in train_stats.items()}
+                    for prefix, (stats, _) in evaluations.items():
+                        log_stats.update((f"{prefix}_{k}", v) for k, v in stats.items())
+                    log_stats.update(epoch=epoch, n_parameters=n_parameters)
+                    coco_eval = evaluations.get("test", evaluations[tracked])[1].coco_eval["bbox"].eval
+                    save_epoch(output_dir, epoch, log_stats, coco_eval, training_state(epoch), lr_scheduler.step_size,
+                               best=improved)
+                    if improved:
+                        print_main(f"best validation AP so far{' (averaged weights)' if ema is not None else ''}: "
+                                   f"{ap:.4f} after epoch {epoch}, in {output_dir / 'checkpoint_best.pth'}")
+                    if board is not None:
+                        board.epoch_end(epoch, {prefix: stats for prefix, (stats, _) in evaluations.items()},
+                                        time.time() - epoch_start)
+                        board.detections(epoch, ema.module if ema is not None else model_without_ddp, pictures,
+                                         class_names, device)
                     if epoch + 1 < args.epochs:
                         control.after_epoch(epoch, device)
         print_main(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     finally:
+        if board is not None:
+            board.close()
         destroy_distributed()
 
 

@@ -55,8 +55,10 @@ def three_epochs(tiny_coco_root, tmp_path_factory):
 @pytest.mark.slow
 def test_training_writes_checkpoints_on_schedule_and_a_json_log(three_epochs):
     out, proc = three_epochs
-    # checkpoint.pth every epoch; checkpoint{epoch:04}.pth when (epoch + 1) % lr_drop == 0 or % 5.
-    assert sorted(p.name for p in out.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0001.pth"]
+    # checkpoint.pth every epoch; checkpoint{epoch:04}.pth when (epoch + 1) % lr_drop == 0 or % 5;
+    # checkpoint_best.pth at the first epoch of the best AP
+    assert sorted(p.name for p in out.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0001.pth",
+                                                                    "checkpoint_best.pth"]
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["000.pth", "latest.pth"]
     log = read_log(out)
     assert [entry["epoch"] for entry in log] == [0, 1, 2]
@@ -67,6 +69,11 @@ def test_training_writes_checkpoints_on_schedule_and_a_json_log(three_epochs):
         assert len(entry["test_coco_eval_bbox"]) == 12
         assert entry["n_parameters"] == n_parameters
     assert [entry["train_lr"] for entry in log] == pytest.approx([2e-4, 2e-4, 2e-5])
+    aps = [entry["test_coco_eval_bbox"][0] for entry in log]
+    best = load_checkpoint(out / "checkpoint_best.pth")
+    assert best["epoch"] == aps.index(max(aps)) and best["best"] == {"epoch": best["epoch"], "ap": max(aps),
+                                                                     "weights": "model"}
+    assert f"best validation AP so far: {max(aps):.4f} after epoch {best['epoch']}" in proc.stdout
     line = (r"Epoch: \[1\]  \[1/2\]  eta: \d+:\d\d:\d\d  lr: 0\.000200  class_error: \S+  grad_norm: \S+  "
             r"loss: .*  time: \S+  data: \S+  max mem: \d+")
     assert re.search(line, proc.stdout), proc.stdout[-2000:]
@@ -81,7 +88,7 @@ def test_checkpoint_loads_with_weights_only_and_the_namespace_allow_list(three_e
     with pytest.raises(pickle.UnpicklingError):
         torch.load(path, map_location="cpu", weights_only=True)  # Namespace is not allowed by default
     checkpoint = load_checkpoint(path)
-    assert set(checkpoint) == {"model", "optimizer", "lr_scheduler", "epoch", "args"}
+    assert set(checkpoint) == {"model", "optimizer", "lr_scheduler", "epoch", "args", "best"}
     assert checkpoint["epoch"] == 1
     assert isinstance(checkpoint["args"], argparse.Namespace) and checkpoint["args"].lr_drop == 2
     assert checkpoint["lr_scheduler"]["last_epoch"] == 2 and checkpoint["lr_scheduler"]["step_size"] == 2

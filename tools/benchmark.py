@@ -49,7 +49,7 @@ from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from engine import AMP_DTYPES, forward  # noqa: E402
 from models import build_model  # noqa: E402
 from ops import BACKEND_ENV, sampling_backend  # noqa: E402
-from util.checkpoint import load_checkpoint, load_weights  # noqa: E402
+from util.checkpoint import checkpoint_weights, load_checkpoint, load_weights  # noqa: E402
 from util.errors import InputError, InputValueError  # noqa: E402
 from util.flags import architecture_differences, check_checkpoint_args, cli_parser  # noqa: E402
 from util.logger import format_costs, top_costs  # noqa: E402
@@ -105,7 +105,7 @@ def benchmark(args: argparse.Namespace) -> tuple[dict[Config, float], dict[Confi
     torch.manual_seed(args.seed)
     model, _, _ = build_model(args)
     if checkpoint is not None:
-        load_weights(model, checkpoint["model"], args.resume)
+        load_weights(model, checkpoint_weights(checkpoint, args.resume, args.ema), args.resume)
     model.to(device).eval()
     image = normalize(torch.rand(3, height, width), IMAGENET_MEAN, IMAGENET_STD).to(device)
     backends = ["compiled", "pytorch"] if args.compare_backends else [os.environ.get(BACKEND_ENV, "auto")]

@@ -38,7 +38,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import build_model  # noqa: E402
-from util.checkpoint import load_checkpoint, load_weights, save_on_main  # noqa: E402
+from util.checkpoint import checkpoint_weights, load_checkpoint, load_weights, save_on_main  # noqa: E402
 from util.errors import InputError, InputFileNotFoundError, InputValueError  # noqa: E402
 from util.flags import closest_config, config_flags, describe_flags, get_args_parser  # noqa: E402
 
@@ -509,10 +509,11 @@ def from_hf(source: Path, box_heads: str | None = None) -> tuple[dict, list[str]
     return {"model": model.state_dict(), "args": args}, flags
 
 
-def to_hf(checkpoint_path: Path, names: Path | None = None) -> tuple[dict, dict[str, Tensor], list[str]]:
+def to_hf(checkpoint_path: Path, names: Path | None = None,
+          ema: bool = False) -> tuple[dict, dict[str, Tensor], list[str]]:
     """``(config.json contents, weights, notes)`` for transformers of one of this project's
-    checkpoints, with the class names of the ``names`` file if given; the notes name training
-    settings ``config.json`` cannot carry."""
+    checkpoints (its averaged weights with ``ema``), with the class names of the ``names`` file if
+    given; the notes name training settings ``config.json`` cannot carry."""
     checkpoint = load_checkpoint(checkpoint_path)
     saved = checkpoint.get("args")
     if not isinstance(saved, argparse.Namespace):
@@ -525,7 +526,7 @@ def to_hf(checkpoint_path: Path, names: Path | None = None) -> tuple[dict, dict[
                               f"{', '.join(RESNETS)} with frozen BatchNorm do")
     args.backbone_weights = "none"
     model, _, _ = build_model(args)
-    load_weights(model, checkpoint["model"], str(checkpoint_path))
+    load_weights(model, checkpoint_weights(checkpoint, checkpoint_path, ema), str(checkpoint_path))
     config, notes = hf_config_from_args(args, read_class_names(names, args.num_classes) if names else {})
     return config, ours_to_hf(model.state_dict()), notes
 
@@ -549,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     direction.add_argument("--to_hf", type=Path, help="checkpoint of this project")
     parser.add_argument("--out", type=Path, required=True,
                         help="the checkpoint to write (--from_hf), or the folder to write (--to_hf)")
+    parser.add_argument("--ema", action="store_true",
+                        help="with --to_hf, convert the checkpoint's averaged weights (of a run with main.py --ema)")
     parser.add_argument("--box_heads", choices=("decoder", "output"),
                         help="with --from_hf, for a box-refinement model whose transformers 5 copies of a box head "
                              "differ (model.decoder.bbox_embed.N, which refines the reference boxes, and bbox_embed.N, "
@@ -558,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.box_heads and not args.from_hf:
             raise InputValueError("--box_heads applies to --from_hf only")
+        if args.ema and not args.to_hf:
+            raise InputValueError("--ema applies to --to_hf only")
         _check_out(args)
         if args.from_hf:
             checkpoint, flags = from_hf(args.from_hf, args.box_heads)
@@ -585,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # the names file --from_hf writes beside a checkpoint, where there is one
             names = names_path(args.to_hf) if args.to_hf.is_file() and names_path(args.to_hf).is_file() else None
-            config, weights, notes = to_hf(args.to_hf, names)
+            config, weights, notes = to_hf(args.to_hf, names, args.ema)
             try:
                 args.out.mkdir(parents=True, exist_ok=True)
                 (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import build_model  # noqa: E402
 from ops import _extension  # noqa: E402
 from tools.infer import class_names_from, sidecar_names  # noqa: E402
-from util.checkpoint import load_checkpoint, load_weights  # noqa: E402
+from util.checkpoint import checkpoint_weights, load_checkpoint, load_weights  # noqa: E402
 from util.errors import InputError, InputValueError  # noqa: E402
 from util.flags import ARCHITECTURE_FLAGS, check_checkpoint_args, cli_parser, get_args_parser  # noqa: E402
 from util.misc import NestedTensor  # noqa: E402
@@ -56,7 +56,8 @@ IMAGE_INPUTS = ["images", "mask"]
 RAW_OUTPUTS = ["pred_logits", "pred_boxes"]
 POSTPROCESSED_OUTPUTS = ["scores", "labels", "boxes"]
 # Saved training arguments that describe the training run, not the model: never taken over.
-RUN_ONLY = ("resume", "device", "backbone_weights")
+# Flags of the run that wrote a checkpoint, not of the model it holds: --ema says which weights to take here.
+RUN_ONLY = ("resume", "device", "backbone_weights", "ema")
 
 
 class ExportedDetector(nn.Module):
@@ -111,7 +112,7 @@ def resolve_args(parser: argparse.ArgumentParser,
         print(f"warning: {args.resume} records no training arguments ('args'); the model is built from the command "
               f"line's flags, which only the weights' names and shapes check", file=sys.stderr)
     args.backbone_weights = "none"  # the checkpoint holds the backbone's weights
-    return args, checkpoint["model"]
+    return args, checkpoint_weights(checkpoint, args.resume, args.ema)
 
 
 def export(args: argparse.Namespace, weights: Mapping[str, Tensor] | None) -> torch.onnx.ONNXProgram:

@@ -227,18 +227,31 @@ def checkpoint_paths(output_dir: Path, epoch: int, lr_drop: int) -> list[Path]:
 
 
 def save_epoch(output_dir: Path, epoch: int, log_stats: Mapping[str, Any], coco_eval: Any,
-               checkpoint: Mapping[str, Any], lr_drop: int) -> None:
+               checkpoint: Mapping[str, Any], lr_drop: int, best: bool = False) -> None:
     """Write an epoch's outputs from the main process: its ``log.txt`` line, pycocotools' ``eval``
-    state (``eval/latest.pth``, and ``eval/{epoch:03}.pth`` every 50 epochs), then the checkpoint
-    (:func:`checkpoint_paths`).
+    state (``eval/latest.pth``, and ``eval/{epoch:03}.pth`` every 50 epochs), ``checkpoint_best.pth``
+    when the epoch is the ``best`` so far, then the checkpoint (:func:`checkpoint_paths`).
 
     Checkpoints last: a run killed in between resumes from the previous checkpoint, and the resume
-    drops this epoch's log line (:func:`trim_log_on_main`).
+    drops this epoch's log line (:func:`trim_log_on_main`) and evaluates the epoch again, so that
+    ``checkpoint_best.pth`` is rewritten if it should be.
     """
     append_line_on_main(output_dir / "log.txt", json.dumps(log_stats))
     if is_main_process():
         (output_dir / "eval").mkdir(exist_ok=True)
     for name in ["latest.pth"] + ([f"{epoch:03}.pth"] if epoch % 50 == 0 else []):
         save_on_main(coco_eval, output_dir / "eval" / name)
-    for path in checkpoint_paths(output_dir, epoch, lr_drop):
+    paths = ([output_dir / "checkpoint_best.pth"] if best else []) + checkpoint_paths(output_dir, epoch, lr_drop)
+    for path in paths:
         save_on_main(checkpoint, path)
+
+
+def checkpoint_weights(checkpoint: Mapping[str, Any], path: PathLike, ema: bool = False) -> Mapping[str, Tensor]:
+    """A checkpoint's model weights: ``model``, or with ``ema`` the averaged weights a run with
+    ``--ema`` saved (:class:`~util.errors.InputValueError` if it has none)."""
+    if not ema:
+        return checkpoint["model"]
+    averaged = checkpoint.get("ema")
+    if not isinstance(averaged, dict) or "model" not in averaged:
+        raise InputValueError(f"--ema: {path} holds no averaged weights (it was not trained with --ema)")
+    return averaged["model"]

@@ -106,7 +106,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="keep the encoded images in memory, each node holding its own share")
 
     group = parser.add_argument_group("run")
-    group.add_argument("--output_dir", default="", help="folder for checkpoints and logs; empty saves nothing")
+    group.add_argument("--output_dir", default="",
+                       help="folder for the checkpoints (checkpoint.pth, the last; checkpoint_best.pth, the best "
+                            "validation AP so far; numbered copies), log.txt, eval/ and tensorboard/; empty saves "
+                            "nothing")
     group.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     group.add_argument("--seed", default=42, type=int, help="random seed")
     group.add_argument("--resume", default="", help="checkpoint to continue training from, or to evaluate "
@@ -150,6 +153,21 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "write (0: never)")
     group.add_argument("--print_freq", default=10, type=int, metavar="N",
                        help="print the training and evaluation progress every N iterations")
+    group.add_argument("--no_tensorboard", dest="tensorboard", action="store_false",
+                       help="write no TensorBoard events (by default, with --output_dir, written to "
+                            "output_dir/tensorboard: losses, learning rates and timing every --print_freq "
+                            "iterations, the COCO numbers and some validation images' detections every epoch)")
+    group.add_argument("--ema", action="store_true",
+                       help="also keep an exponential moving average of the weights, evaluated after every epoch "
+                            "beside them (log.txt keys test_ema_*) and saved in the checkpoints; with --eval (and "
+                            "in the tools), take a checkpoint's averaged weights")
+    group.add_argument("--ema_decay", default=0.9999, type=float,
+                       help="decay of the average per training step (--ema)")
+    group.add_argument("--ema_warmup", default=2000.0, type=float, metavar="STEPS",
+                       help="steps over which the decay ramps up to --ema_decay (--ema): decay * (1 - exp(-step / "
+                            "STEPS)); 0 for none")
+    group.add_argument("--ema_eval_only", action="store_true",
+                       help="after every epoch, evaluate the averaged weights only (--ema)")
     group.add_argument("--skip_bad_images", action="store_true",
                        help="leave out images whose files are missing, empty, undecodable or not of the annotated "
                             "size (with a warning naming them), instead of stopping")
@@ -217,6 +235,8 @@ FLAG_BOUNDS: dict[str, Bounds] = {
                      "num_workers", "start_epoch", "seed", "save_every_iters", "save_every_minutes"],
                     _NOT_NEGATIVE),
     "print_freq": _COUNT,
+    "ema_decay": Bounds(low=0, high=1, high_open=True),
+    "ema_warmup": _NOT_NEGATIVE,
     "lr_backbone": Bounds(low=0, why="0 freezes the backbone"),
     "dropout": Bounds(low=0, high=1, high_open=True),
     "focal_alpha": Bounds(high=1, why="the weight of the positives; a negative value weighs both alike"),

@@ -5,7 +5,7 @@ import resource
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -147,15 +147,18 @@ class MetricLogger:
             self.meters[name].count = int(count)
             self.meters[name].total = total
 
-    def state(self) -> dict[str, tuple[int, float]]:
-        """Each meter's ``(count, total)``: what :meth:`global_averages` is computed from."""
-        return {name: (meter.count, meter.total) for name, meter in self.meters.items()}
+    def state(self) -> dict[str, tuple[int, float, list[float]]]:
+        """Each meter's ``(count, total, recent values)``: what :meth:`global_averages` and the
+        printed medians are computed from."""
+        return {name: (meter.count, meter.total, list(meter.window)) for name, meter in self.meters.items()}
 
-    def restore(self, state: Mapping[str, tuple[int, float]]) -> None:
-        """Continue from a :meth:`state` (the windows of recent values start empty)."""
-        for name, (count, total) in state.items():
+    def restore(self, state: Mapping[str, tuple[int, float, Sequence[float]]]) -> None:
+        """Continue from a :meth:`state`."""
+        for name, (count, total, recent) in state.items():
             meter = self.meters.setdefault(name, SmoothedValue())
             meter.count, meter.total = int(count), float(total)
+            meter.window.clear()
+            meter.window.extend(float(v) for v in recent)
 
     def global_averages(self) -> dict[str, float]:
         return {name: meter.global_avg for name, meter in self.meters.items()}

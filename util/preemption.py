@@ -140,7 +140,7 @@ class MidEpochCheckpoints:
 
 
 def resume_within_epoch(progress: dict[str, Any], order: torch.Tensor, rank: int, world_size: int, batch_size: int,
-                        seed: int, device: torch.device) -> tuple[int, dict[str, tuple[int, float]] | None]:
+                        seed: int, device: torch.device) -> tuple[int, dict[str, tuple] | None]:
     """Where this process continues the epoch a mid-epoch checkpoint was written in (its
     ``progress``, see :func:`~util.checkpoint.mid_epoch_progress`): the samples of its share
     already trained on, and the meters of that part of the epoch. Call it after the epoch's
@@ -167,10 +167,10 @@ def resume_within_epoch(progress: dict[str, Any], order: torch.Tensor, rank: int
                f"after the {done} samples already trained on, with fresh random draws")
     seed_everything(epoch_seed(seed, rank, world_size, epoch) + 104729 * iteration)
     meters = None
-    if rank == 0:
+    if rank == 0:  # the sums of all, and the main process's recent values
         meters = {}
         for process in processes:
-            for name, (count, total) in process["meters"].items():
-                previous = meters.get(name, (0, 0.0))
-                meters[name] = (previous[0] + count, previous[1] + total)
+            for name, (count, total, _) in process["meters"].items():
+                previous = meters.get(name, (0, 0.0, processes[0]["meters"].get(name, (0, 0.0, []))[2]))
+                meters[name] = (previous[0] + count, previous[1] + total, previous[2])
     return done // world_size, meters
