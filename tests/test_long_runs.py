@@ -260,3 +260,42 @@ def test_slurm_submission_requeues_the_job_when_a_signal_stopped_the_run(tmp_pat
         assert (tmp_path / "srun_args").read_text().splitlines() == [
             "--kill-on-bad-exit=1", "./configs/r50_deformable_detr.sh", "--coco_path", "/data/my coco",
             "--auto_resume"]
+
+
+@pytest.mark.slow
+def test_the_average_the_best_checkpoint_and_the_curves_survive_a_kill_exactly(data, tmp_path):
+    """With --ema and TensorBoard: killed between save points and resumed, the averaged weights,
+    the best checkpoint and every curve (but the timings) are those of an uninterrupted run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--num_workers", "0", "--ema", "--ema_decay", "0.8", "--ema_warmup", "0", "--save_every_iters", "3"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    finish(launch(argv(data, straight, *flags), tmp_path / "straight.log"), tmp_path / "straight.log")
+    proc = launch(argv(data, run, *flags), tmp_path / "log")
+    wait_for(tmp_path / "log", rf"^Epoch: \[0\]  \[4/{TRAIN_IMAGES}\]", proc)
+    kill_job(proc)
+    finish(launch(argv(data, run, *flags, "--auto_resume"), tmp_path / "log2"), tmp_path / "log2")
+
+    assert_same_run(straight, run)
+    a, b = load_checkpoint(straight / "checkpoint.pth"), load_checkpoint(run / "checkpoint.pth")
+    assert a["ema"]["updates"] == b["ema"]["updates"] == EPOCHS * TRAIN_IMAGES
+    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
+    best = [load_checkpoint(out / "checkpoint_best.pth") for out in (straight, run)]
+    assert best[0]["best"] == best[1]["best"] and best[0]["epoch"] == best[1]["epoch"]
+    assert all(torch.equal(best[0]["ema"]["model"][k], best[1]["ema"]["model"][k]) for k in a["ema"]["model"])
+
+    events = []
+    for out in (straight, run):
+        accumulator = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+        accumulator.Reload()
+        events.append(accumulator)
+    tags = events[0].Tags()["scalars"]
+    assert sorted(tags) == sorted(events[1].Tags()["scalars"])
+    timings = ("train/seconds_per_iteration", "epoch/seconds")
+    for tag in tags:
+        series = [[(e.step, e.value) for e in accumulator.Scalars(tag)] for accumulator in events]
+        if tag in timings:
+            assert [s for s, _ in series[0]] == [s for s, _ in series[1]], tag
+        else:
+            assert series[0] == series[1], tag
+    assert [len(accumulator.Scalars("train/loss")) for accumulator in events] == [EPOCHS * TRAIN_IMAGES] * 2
