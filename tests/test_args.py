@@ -1,5 +1,6 @@
 """main.py's command line: the original's flags, defaults and types; help for every flag; the
 variants' configs."""
+import re
 import subprocess
 import sys
 
@@ -71,6 +72,10 @@ def test_help_documents_every_flag_with_its_default_without_importing_torch():
         assert group in text
     # Every flag has a help text: argparse adds "(default: ...)" to each help text and only there.
     assert text.count("(default:") == len(vars(parse([])))
+    # a switch's default reads as the switch not given, never as a value that could mean it is on
+    assert "(default: True)" not in text and "(default: False)" not in text
+    assert re.search(r"--no_aux_loss +no auxiliary losses at the intermediate decoder layers \(default: not given\)",
+                     text)
     # The parser answers before torch is imported (which takes seconds on a small machine).
     imported = [line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
     assert "util.flags" in imported and "torch" not in imported

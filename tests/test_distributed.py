@@ -149,9 +149,19 @@ def test_configs_hold_the_original_variants():
     for name, flags in expected.items():
         text = (REPO / "configs" / name).read_text()
         assert f"EXP_DIR=exps/{name[:-3]}\n" in text
-        command = text[text.index("python -u main.py"):].replace("\\\n", " ").split()
-        assert command == ["python", "-u", "main.py", "--output_dir", '"${EXP_DIR}"', *flags, '"${PY_ARGS[@]}"']
+        command = text[text.index('"${PYTHON:-python}" -u main.py'):].replace("\\\n", " ").split()
+        assert command == ['"${PYTHON:-python}"', "-u", "main.py", "--output_dir", '"${EXP_DIR}"', *flags,
+                           '"${PY_ARGS[@]}"']
         assert os.access(REPO / "configs" / name, os.X_OK)
+
+
+def test_a_config_runs_the_interpreter_python_names(tmp_path):
+    record = tmp_path / "argv"
+    python = _fake_command(tmp_path, "my_python", f'printf "%s\\n" "$@" > {record}')
+    proc = _run_script(["./configs/r50_deformable_detr_single_scale.sh", "--epochs", "1"], PYTHON=str(python))
+    assert proc.returncode == 0, proc.stderr
+    assert record.read_text().splitlines() == ["-u", "main.py", "--output_dir", "exps/r50_deformable_detr_single_scale",
+                                               "--num_feature_levels", "1", "--epochs", "1"]
 
 
 # --------------------------------------------------------------------------------------------

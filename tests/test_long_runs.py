@@ -299,3 +299,20 @@ def test_the_average_the_best_checkpoint_and_the_curves_survive_a_kill_exactly(d
         else:
             assert series[0] == series[1], tag
     assert [len(accumulator.Scalars("train/loss")) for accumulator in events] == [EPOCHS * TRAIN_IMAGES] * 2
+
+
+@pytest.mark.slow
+def test_the_checkpoint_benchmark_prints_the_size_of_what_main_py_saves():
+    from tools.benchmark_checkpoint import training_checkpoint
+
+    variant = "r50_deformable_detr_single_scale"
+    proc = subprocess.run([sys.executable, "tools/benchmark_checkpoint.py", "--variants", variant, "--rounds", "1"],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    name, size, seconds = proc.stdout.splitlines()[-1].split()
+    checkpoint = training_checkpoint(variant)
+    tensors = list(checkpoint["model"].values()) + [t for state in checkpoint["optimizer"]["state"].values()
+                                                     for t in state.values() if torch.is_tensor(t)]
+    # the tensors' bytes, and what torch.save adds around them (well under 1%)
+    assert name == variant and float(size) == pytest.approx(sum(t.nbytes for t in tensors) / 2 ** 20, rel=0.01)
+    assert float(seconds) > 0

@@ -257,12 +257,22 @@ def check_flag_bounds(args: argparse.Namespace) -> None:
                                   f"{bounds.describe()}")
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with every flag's default; a switch's reads "not given" (``--no_aux_loss``'s
+    default value is True, which would read as if the switch were on)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 and isinstance(action.const, bool):
+            return f"{action.help} (default: not given)"
+        return super()._get_help_string(action)
+
+
 class FlagParser(argparse.ArgumentParser):
     """An argument parser that shows defaults in ``--help`` and, for a misspelled flag, suggests
     the closest known one."""
 
     def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
