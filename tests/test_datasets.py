@@ -9,6 +9,7 @@ import copy
 import io
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -27,6 +28,7 @@ from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco import CocoDetection, prepare_target
 from datasets.coco_eval import BACKENDS, CocoEvaluator
 from datasets.samplers import NodeDistributedSampler
+from tools import benchmark_coco_eval
 from tools.make_tiny_coco import CATEGORIES, make_tiny_coco
 from util.box_ops import box_cxcywh_to_xyxy
 from util.misc import NestedTensor, collate_fn
@@ -681,3 +683,21 @@ def test_main_evaluates_with_the_chosen_backend(coco_root, tmp_path, monkeypatch
     assert backends == ["faster"]
     assert proc.stdout.count("Average Precision") == 6 and proc.stdout.count("Average Recall") == 6
     assert type(torch.load(tmp_path / "eval.pth", weights_only=False)["params"]) is Params
+
+
+def test_benchmark_coco_eval_times_both_backends_on_a_coco_like_set(capsys):
+    coco, predictions = benchmark_coco_eval.make_synthetic_evaluation(200, 100, seed=1)
+    assert len(coco.imgs) == len(predictions) == 200 and len(coco.getCatIds()) == 80
+    assert 6.5 < len(coco.anns) / 200 < 8.1 and any(a["iscrowd"] for a in coco.anns.values())
+    assert all(len(p["scores"]) == len(p["labels"]) == len(p["boxes"]) == 100 for p in predictions.values())
+    boxes = torch.cat([p["boxes"] for p in predictions.values()])
+    assert boxes.dtype == torch.float32 and (boxes[:, 2:] > boxes[:, :2]).all()
+
+    benchmark_coco_eval.main(["--images", "40", "--detections", "30", "--rounds", "3"])
+    out = capsys.readouterr().out
+    assert re.search(r"synthetic set: 40 images, \d+ objects, 1200 detections", out), out
+    assert len(re.findall(r"round \d: pycocotools [\d.]+ s, faster [\d.]+ s", out)) == 3
+    assert re.search(r"median of 3 rounds: pycocotools [\d.]+ s, faster [\d.]+ s \([\d.]+x\)", out), out
+    ap, difference = re.search(r"AP ([\d.]+); largest difference between the backends' 12 numbers: (\S+)",
+                               out).groups()
+    assert 0.1 < float(ap) < 0.9 and float(difference) < 1e-15
