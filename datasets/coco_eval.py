@@ -71,7 +71,9 @@ class CocoEvaluator:
             ground-truth dicts in place.
         iou_types: only ``("bbox",)`` is supported.
         backend: ``"pycocotools"`` (the original's evaluation) or ``"faster"`` (faster-coco-eval's
-            ``COCOeval_faster``, evaluating against its own ``COCO`` copy of ``coco_gt``).
+            ``COCOeval_faster``, evaluating against its own ``COCO`` copy of ``coco_gt``). Their
+            numbers differ only where pycocotools' precision is 1 - 2**-52 (machine epsilon added
+            to tp + fp) and faster-coco-eval's exactly 1.
     """
 
     def __init__(self, coco_gt: COCO, iou_types: Sequence[str] = ("bbox",), backend: str = "pycocotools"):
