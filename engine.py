@@ -250,20 +250,22 @@ def _quiet_unless_main() -> Iterator[None]:
 @torch.no_grad()
 def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str, nn.Module],
              data_loader: Iterable, base_ds: Any, device: torch.device,
-             print_freq: int = 10, amp: torch.dtype | None = None) -> tuple[dict[str, Any], CocoEvaluator]:
+             print_freq: int = 10, amp: torch.dtype | None = None,
+             backend: str = "pycocotools") -> tuple[dict[str, Any], CocoEvaluator]:
     """Losses and COCO box AP of ``model`` over ``data_loader`` (every process's share of it).
 
     Predictions from all processes are gathered before COCO evaluation, whose 12-line summary is
     printed by the main process. Non-finite predictions raise :class:`NonFinitePredictionError`
     on every process. Returns the averaged losses plus ``coco_eval_bbox`` (the 12 COCO
     numbers) and ``skipped_images`` (images of ``base_ds`` that got no predictions: left out as
-    unreadable, see :class:`~datasets.coco.CocoDetection`), and the evaluator.
+    unreadable, see :class:`~datasets.coco.CocoDetection`), and the evaluator. ``backend`` picks
+    the COCO evaluation's implementation (:class:`~datasets.coco_eval.CocoEvaluator`).
     """
     model.eval()
     criterion.eval()
     logger = MetricLogger(delimiter="  ")
     logger.add_meter("class_error", SmoothedValue(window_size=1, fmt="{value:.2f}"))
-    evaluator = CocoEvaluator(base_ds, ("bbox",))
+    evaluator = CocoEvaluator(base_ds, ("bbox",), backend=backend)
     for _, (samples, targets) in logger.log_every(data_loader, print_freq, "Test:", device):
         if samples is None:  # every image of the batch was left out (unreadable)
             continue

@@ -211,7 +211,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
 
         def run_evaluation(weights: nn.Module = model):
             return evaluate(weights, criterion, postprocessors, loaders.val, dataset_val.coco, device,
-                            print_freq=args.print_freq, amp=amp)
+                            print_freq=args.print_freq, amp=amp, backend=args.coco_eval_backend)
 
         if args.eval:
             after = ""

@@ -5,29 +5,35 @@ original's formula, boxes from the annotation json, pixels with PIL/numpy direct
 pycocotools' COCOeval called directly.
 """
 import contextlib
+import copy
 import io
 import json
 import random
+import re
+import subprocess
+import sys
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from pycocotools.cocoeval import COCOeval, Params
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import datasets.coco_eval
 import datasets.transforms as T
+import engine
 from datasets import build_dataset, get_coco_api_from_dataset
 from datasets.coco import CocoDetection, prepare_target
-from datasets.coco_eval import CocoEvaluator
+from datasets.coco_eval import BACKENDS, CocoEvaluator
 from datasets.samplers import NodeDistributedSampler
+from tools import benchmark_coco_eval
 from tools.make_tiny_coco import CATEGORIES, make_tiny_coco
 from util.box_ops import box_cxcywh_to_xyxy
 from util.misc import NestedTensor, collate_fn
 
-from helpers import parse
+from helpers import SMALL_MODEL, parse, run_main
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -438,8 +444,58 @@ def run_evaluator(evaluator):
     return evaluator.coco_eval["bbox"].stats, out.getvalue()
 
 
-def test_evaluator_perfect_predictions(val_set):
-    evaluator = CocoEvaluator(get_coco_api_from_dataset(val_set), ("bbox",))
+# pycocotools' precision tp / (tp + fp + machine epsilon) where tp + fp = 1; faster-coco-eval's
+# tp / (tp + fp) is 1 there. For any larger tp + fp the epsilon is lost in rounding.
+PYCOCOTOOLS_ONE = 1 / (1 + np.spacing(1))
+
+
+def pycocotools_reference(coco_gt: COCO, results: list[dict], image_ids: list[int]) -> tuple[COCOeval, list[str]]:
+    """pycocotools' COCOeval run directly on ``results`` over ``image_ids``, and its printed summary."""
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        reference = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), "bbox")
+        reference.params.imgIds = image_ids
+        reference.evaluate()
+        reference.accumulate()
+        reference.summarize()
+    return reference, summary_lines(out.getvalue())
+
+
+def summary_lines(printed: str) -> list[str]:
+    return [line for line in printed.splitlines() if line.startswith(" Average")]
+
+
+def as_predictions(results: list[dict], image_ids: list[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """pycocotools' result dicts as the evaluator's input (float64 xyxy boxes), for each of
+    ``image_ids`` (those without results get empty tensors), in the results' order."""
+    predictions = {}
+    for image_id in image_ids:
+        rows = [r for r in results if r["image_id"] == image_id]
+        xywh = torch.tensor([r["bbox"] for r in rows], dtype=torch.float64).reshape(-1, 4)
+        predictions[image_id] = {"boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
+                                 "scores": torch.tensor([r["score"] for r in rows], dtype=torch.float64),
+                                 "labels": torch.tensor([r["category_id"] for r in rows], dtype=torch.int64)}
+    return predictions
+
+
+def assert_matches_pycocotools(evaluated, reference: COCOeval, backend: str) -> None:
+    """``evaluated`` (a CocoEvaluator's ``coco_eval["bbox"]``) has ``reference``'s 12 numbers and
+    precision, recall and score tables, bit for bit; with faster-coco-eval, once each
+    ``PYCOCOTOOLS_ONE`` precision of the reference is 1, which moves the 12 numbers by less than 1e-15."""
+    np.testing.assert_allclose(evaluated.stats, reference.stats, rtol=0, atol=1e-15)
+    if backend == "faster":
+        precision = reference.eval["precision"]
+        reference = copy.copy(reference)
+        reference.eval = {**reference.eval, "precision": np.where(precision == PYCOCOTOOLS_ONE, 1.0, precision)}
+        with contextlib.redirect_stdout(io.StringIO()):
+            reference.summarize()  # pycocotools' 12 numbers of that table
+    np.testing.assert_array_equal(evaluated.stats, reference.stats)
+    for key in ("precision", "recall", "scores"):
+        np.testing.assert_array_equal(evaluated.eval[key], reference.eval[key])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluator_perfect_predictions(val_set, backend):
+    evaluator = CocoEvaluator(get_coco_api_from_dataset(val_set), ("bbox",), backend=backend)
     predictions = gt_predictions(val_set)
     for image_id in predictions:  # one image per batch
         evaluator.update({image_id: predictions[image_id]})
@@ -450,7 +506,8 @@ def test_evaluator_perfect_predictions(val_set):
     assert printed.count("Average Precision") == 6 and printed.count("Average Recall") == 6
 
 
-def test_evaluator_matches_pycocotools_on_noisy_detections(val_set, monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluator_matches_pycocotools_on_noisy_detections(val_set, monkeypatch, backend):
     coco_gt = get_coco_api_from_dataset(val_set)
     rng = np.random.default_rng(0)
     results = []  # pycocotools result format, the independent reference
@@ -465,43 +522,182 @@ def test_evaluator_matches_pycocotools_on_noisy_detections(val_set, monkeypatch)
             results.append({"image_id": image_id, "category_id": int(rng.choice([1, 3, 7])),
                             "bbox": [float(x), float(y), 20.0, 16.0], "score": rng.integers(1, 1000) / 1000})
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        reference = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
-        reference.evaluate()
-        reference.accumulate()
-        reference.summarize()
+    reference, reference_summary = pycocotools_reference(coco_gt, results, coco_gt.getImgIds())
     assert 0.1 < reference.stats[0] < 0.95
 
-    def prediction(image_id):
-        rows = [r for r in results if r["image_id"] == image_id]
-        xywh = torch.tensor([r["bbox"] for r in rows], dtype=torch.float64)
-        return {"boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
-                "scores": torch.tensor([r["score"] for r in rows]).double(),
-                "labels": torch.tensor([r["category_id"] for r in rows])}
-
     # Two simulated processes; the shared image appears on both (sampler padding) and counts once.
+    predictions = as_predictions(results, coco_gt.getImgIds())
     image_ids = coco_gt.getImgIds()
-    rank0, rank1 = CocoEvaluator(coco_gt), CocoEvaluator(coco_gt)
-    rank0.update({i: prediction(i) for i in image_ids[:2]})
-    rank0.update({image_ids[2]: prediction(image_ids[2])})
-    rank1.update({i: prediction(i) for i in image_ids[2:]})
+    rank0, rank1 = CocoEvaluator(coco_gt, backend=backend), CocoEvaluator(coco_gt, backend=backend)
+    rank0.update({i: predictions[i] for i in image_ids[:2]})
+    rank0.update({image_ids[2]: predictions[image_ids[2]]})
+    rank1.update({i: predictions[i] for i in image_ids[2:]})
     monkeypatch.setattr(datasets.coco_eval, "all_gather", lambda obj: [rank0.detections, rank1.detections])
-    stats, _ = run_evaluator(rank0)
-    np.testing.assert_array_equal(stats, reference.stats)
-    np.testing.assert_array_equal(rank0.coco_eval["bbox"].eval["precision"], reference.eval["precision"])
+    _, printed = run_evaluator(rank0)
+    assert_matches_pycocotools(rank0.coco_eval["bbox"], reference, backend)
+    assert summary_lines(printed) == reference_summary
 
 
-def test_evaluator_empty_predictions(val_set):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluator_empty_predictions(val_set, backend):
     coco_gt = get_coco_api_from_dataset(val_set)
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0),
              "labels": torch.zeros(0, dtype=torch.int64)}
-    evaluator = CocoEvaluator(coco_gt)
+    evaluator = CocoEvaluator(coco_gt, backend=backend)
     evaluator.update({i: empty for i in coco_gt.getImgIds()})
     stats, _ = run_evaluator(evaluator)
     assert stats[0] == 0.0 and stats[8] == 0.0
-    stats, _ = run_evaluator(CocoEvaluator(coco_gt))  # nothing evaluated at all
+    stats, _ = run_evaluator(CocoEvaluator(coco_gt, backend=backend))  # nothing evaluated at all
     assert (stats == -1).all()
     with pytest.raises(KeyError, match="123456789"):
-        CocoEvaluator(coco_gt).update({123456789: empty})
+        CocoEvaluator(coco_gt, backend=backend).update({123456789: empty})
     with pytest.raises(RuntimeError, match="synchronize"):
-        CocoEvaluator(coco_gt).accumulate()
+        CocoEvaluator(coco_gt, backend=backend).accumulate()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        CocoEvaluator(coco_gt, backend="fast")
+
+
+def synthetic_evaluation_set(seed: int, num_images: int = 480) -> tuple[dict, list[dict], list[int]]:
+    """Ground truth (a COCO dataset dict), detections (pycocotools' result dicts) and the ids of the
+    images predicted on, for the corners of COCO evaluation: crowd boxes with detections inside,
+    images without objects, images predicted with no detections and images not predicted at all,
+    more than 100 detections on some images, tied scores, wrong classes, a category without
+    annotations, annotated areas unlike the boxes' and all three area ranges.
+
+    Coordinates are multiples of 1/8 below 1024, so xywh <-> xyxy is exact in float64.
+    """
+    rng = np.random.default_rng(seed)
+    categories = [{"id": c, "name": f"class{c}"} for c in (1, 3, 7, 12)]  # 12: never annotated
+    images, annotations, results, predicted = [], [], [], []
+    for image_id in range(1, num_images + 1):
+        images.append({"id": image_id, "width": 640, "height": 480})
+        objects = [] if image_id % 6 == 0 else range(int(rng.integers(1, 16)))
+        for _ in objects:
+            crowd = rng.random() < 0.1
+            w, h = np.round(np.exp(rng.uniform(np.log(4), np.log(400 if crowd else 300), size=2)) * 8) / 8
+            x, y = rng.integers(0, 2400, size=2) / 8
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                "category_id": int(rng.choice([1, 3, 7])), "bbox": [x, y, w, h],
+                                "area": float(w * h * rng.uniform(0.4, 1.0)), "iscrowd": int(crowd)})
+        if image_id % 6 == 2:  # not predicted: left out of the evaluation
+            continue
+        predicted.append(image_id)
+        if image_id % 6 == 1:  # predicted, with no detections
+            continue
+        detections = []  # (x, y, w, h, category, score in 64ths): 64 levels, so scores tie
+        for ann in (a for a in annotations if a["image_id"] == image_id):
+            x, y, w, h = ann["bbox"]
+            for _ in range(int(rng.integers(0, 8 if ann["iscrowd"] else 4))):
+                if ann["iscrowd"]:  # half-size boxes inside the crowd region
+                    dx, dy, sw, sh = *(rng.integers(0, 5, size=2) / 8), 0.5, 0.5
+                else:  # jittered by up to 1/16 of the size, 7/8 to 9/8 as large
+                    dx, dy, sw, sh = *(rng.integers(-4, 5, size=2) / 64), *(rng.integers(7, 10, size=2) / 8)
+                category = ann["category_id"] if rng.random() < 0.85 else int(rng.choice([1, 3, 7, 12]))
+                detections.append((x + dx * w, y + dy * h, np.ceil(w * sw * 8) / 8, np.ceil(h * sh * 8) / 8,
+                                   category, int(rng.integers(16, 65))))
+        for _ in range(int(rng.integers(0, 160)) if image_id % 3 == 0 else int(rng.integers(0, 20))):
+            w, h = np.round(np.exp(rng.uniform(np.log(2), np.log(300), size=2)) * 8) / 8
+            detections.append((*(rng.integers(0, 2400, size=2) / 8), w, h, int(rng.choice([1, 3, 7, 12])),
+                               int(rng.integers(1, 49))))
+        results += [{"image_id": image_id, "category_id": category, "bbox": [float(x), float(y), float(w), float(h)],
+                     "score": score / 64} for x, y, w, h, category, score in detections]
+    return {"images": images, "annotations": annotations, "categories": categories}, results, predicted
+
+
+@pytest.fixture(scope="module")
+def synthetic_evaluation():
+    """The synthetic set (:func:`synthetic_evaluation_set`), its ground truth as pycocotools'
+    ``COCO``, and pycocotools' COCOeval run on it directly with its printed summary."""
+    dataset, results, predicted = synthetic_evaluation_set(seed=0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = dataset
+        coco_gt.createIndex()
+    return coco_gt, results, predicted, *pycocotools_reference(coco_gt, results, predicted)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluator_matches_pycocotools_on_a_larger_synthetic_set(synthetic_evaluation, monkeypatch, backend):
+    coco_gt, results, predicted, reference, reference_summary = synthetic_evaluation
+    assert 0.1 < reference.stats[0] < 0.5 and reference.stats[3] > 0  # all three area ranges have AP
+    per_image = np.bincount([r["image_id"] for r in results])
+    assert per_image.max() > 100 and len(predicted) < len(coco_gt.imgs)
+    assert any(a["iscrowd"] for a in coco_gt.dataset["annotations"])
+    assert any(not coco_gt.imgToAnns[i] for i in predicted) and any(per_image[i] == 0 for i in predicted[:-1])
+    assert len({r["score"] for r in results}) < len(results) / 100  # many ties
+
+    # Three simulated processes; the last one repeats the first two images (sampler padding).
+    predictions = as_predictions(results, predicted)
+    ranks = [CocoEvaluator(coco_gt, backend=backend) for _ in range(3)]
+    for k, image_id in enumerate(predicted):
+        ranks[k % 3].update({image_id: predictions[image_id]})
+    ranks[2].update({i: predictions[i] for i in predicted[:2]})
+    monkeypatch.setattr(datasets.coco_eval, "all_gather", lambda obj: [rank.detections for rank in ranks])
+    _, printed = run_evaluator(ranks[0])
+    assert_matches_pycocotools(ranks[0].coco_eval["bbox"], reference, backend)
+    assert summary_lines(printed) == reference_summary
+
+
+def test_faster_backend_keeps_pycocotools_eval(val_set, tmp_path):
+    """The ``eval`` that main.py saves (eval/*.pth) is pycocotools' dict with either backend, and
+    unpickles without faster-coco-eval."""
+    coco_gt = get_coco_api_from_dataset(val_set)
+    evaluated = {}
+    for backend in BACKENDS:
+        evaluator = CocoEvaluator(coco_gt, backend=backend)
+        evaluator.update(gt_predictions(val_set))
+        run_evaluator(evaluator)
+        evaluated[backend] = evaluator.coco_eval["bbox"].eval
+    reference, faster = evaluated["pycocotools"], evaluated["faster"]
+    assert list(faster) == list(reference) == ["params", "counts", "date", "precision", "recall", "scores"]
+    assert type(faster["params"]) is type(reference["params"])
+    assert sorted(vars(faster["params"])) == sorted(vars(reference["params"]))
+    for name, value in vars(reference["params"]).items():
+        np.testing.assert_equal(getattr(faster["params"], name), value, err_msg=name)
+    assert faster["counts"] == reference["counts"]
+    for key in ("precision", "recall", "scores"):  # their values: the tests above
+        assert faster[key].shape == reference[key].shape and faster[key].dtype == reference[key].dtype
+
+    torch.save(faster, tmp_path / "eval.pth")
+    read = ("import sys; sys.modules['faster_coco_eval'] = None; import torch; "
+            f"e = torch.load({str(tmp_path / 'eval.pth')!r}, weights_only=False); "
+            "print(type(e['params']).__module__, sorted(e), e['precision'].shape)")
+    out = subprocess.run([sys.executable, "-c", read], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["pycocotools.cocoeval", "['counts',", "'date',", "'params',", "'precision',",
+                           "'recall',", "'scores']", "(10,", "101,", "3,", "4,", "3)"]
+
+
+def test_main_evaluates_with_the_chosen_backend(coco_root, tmp_path, monkeypatch):
+    backends = []
+
+    class Recorded(CocoEvaluator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            backends.append(self.backend)
+
+    monkeypatch.setattr(engine, "CocoEvaluator", Recorded)
+    assert parse([]).coco_eval_backend == "pycocotools"
+    proc = run_main([*SMALL_MODEL, "--coco_path", str(coco_root), "--output_dir", str(tmp_path), "--eval",
+                     "--coco_eval_backend", "faster"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert backends == ["faster"]
+    assert proc.stdout.count("Average Precision") == 6 and proc.stdout.count("Average Recall") == 6
+    assert type(torch.load(tmp_path / "eval.pth", weights_only=False)["params"]) is Params
+
+
+def test_benchmark_coco_eval_times_both_backends_on_a_coco_like_set(capsys):
+    coco, predictions = benchmark_coco_eval.make_synthetic_evaluation(200, 100, seed=1)
+    assert len(coco.imgs) == len(predictions) == 200 and len(coco.getCatIds()) == 80
+    assert 6.5 < len(coco.anns) / 200 < 8.1 and any(a["iscrowd"] for a in coco.anns.values())
+    assert all(len(p["scores"]) == len(p["labels"]) == len(p["boxes"]) == 100 for p in predictions.values())
+    boxes = torch.cat([p["boxes"] for p in predictions.values()])
+    assert boxes.dtype == torch.float32 and (boxes[:, 2:] > boxes[:, :2]).all()
+
+    benchmark_coco_eval.main(["--images", "40", "--detections", "30", "--rounds", "3"])
+    out = capsys.readouterr().out
+    assert re.search(r"synthetic set: 40 images, \d+ objects, 1200 detections", out), out
+    assert len(re.findall(r"round \d: pycocotools [\d.]+ s, faster [\d.]+ s", out)) == 3
+    assert re.search(r"median of 3 rounds: pycocotools [\d.]+ s, faster [\d.]+ s \([\d.]+x\)", out), out
+    ap, difference = re.search(r"AP ([\d.]+); largest difference between the backends' 12 numbers: (\S+)",
+                               out).groups()
+    assert 0.1 < float(ap) < 0.9 and float(difference) < 1e-15

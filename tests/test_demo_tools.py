@@ -118,15 +118,19 @@ def test_synthetic_coco_deterministic(tmp_path):
 
 # ----- plot_logs -----
 
-def _fake_log(path: Path, epochs: int, with_ap: bool = True) -> Path:
+def _fake_log(path: Path, epochs: int, with_ap: bool = True, ema_ap: bool = False, **extra) -> Path:
+    """A log.txt of ``epochs`` epochs; ``ema_ap`` adds the EMA weights' evaluation, ``extra`` more keys."""
     path.mkdir(parents=True, exist_ok=True)
     lines = []
     for epoch in range(epochs):
         entry = {"train_loss": 10.0 - epoch, "train_loss_ce": 1.0, "train_loss_bbox": 0.5 / (epoch + 1),
                  "train_loss_giou": 0.8, "train_class_error": 50.0, "test_loss": 9.0, "epoch": epoch,
-                 "n_parameters": 1000}
+                 "n_parameters": 1000, **extra}
         if with_ap:
             entry["test_coco_eval_bbox"] = [0.1 * epoch, 0.2 * epoch] + [0.0] * 10
+        if ema_ap:
+            entry["test_ema_coco_eval_bbox"] = [0.1 * epoch + 0.05, 0.3 * epoch] + [0.0] * 10
+            entry["test_ema_loss"] = 8.0
         lines.append(json.dumps(entry))
     (path / "log.txt").write_text("\n".join(lines) + "\n")
     return path
@@ -150,12 +154,51 @@ def test_plot_logs_png(tmp_path):
     ('[1, 2]\n', r"log\.txt, line 1: expected a JSON object"),
     ('{"test_loss": 1.0}\n', r"no epoch has 'train_loss'"),
     ('{"train_loss": 1.0, "test_coco_eval_bbox": "high"}\n', r"line 1: 'test_coco_eval_bbox' must be a list"),
+    ('{"train_loss": 1.0, "test_ema_coco_eval_bbox": [0.5]}\n', r"line 1: 'test_ema_coco_eval_bbox' must be a list"),
 ])
 def test_plot_logs_malformed(tmp_path, content, message):
     (tmp_path / "log.txt").write_text(content)
     with pytest.raises(ValueError, match=message):
         plot_logs.plot_logs([tmp_path])
     assert not (tmp_path / "curves.png").exists()
+
+
+def _curves(ax) -> dict[str, tuple[list, list]]:
+    """An axis's lines by legend label: their x and y data."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+
+
+def test_plot_logs_draws_the_ema_curves_beside_the_raw_ones(tmp_path):
+    # New keys of other kinds in every epoch are ignored, whatever their values.
+    extra = {"test_ema_class_error": 40.0, "train_lr": 2e-4, "epoch_time": "0:01:02", "test_ema_skipped_images": 0,
+             "best": {"epoch": 1, "ap": 0.2}, "train_lrs": [2e-4, 2e-5], "test_ema_note": None}
+    ema = _fake_log(tmp_path / "ema", 3, ema_ap=True, **extra)
+    raw = _fake_log(tmp_path / "raw", 2)
+    ema_only = _fake_log(tmp_path / "ema_only", 2, with_ap=False, ema_ap=True)
+    fig = plot_logs.make_figure([ema, raw, ema_only])
+    loss_ax, ap_ax = fig.axes
+    ap = _curves(ap_ax)
+    expected = {  # 100 x the first two numbers of each key, per epoch
+        f"{ema}: AP": ([0, 1, 2], [0.0, 10.0, 20.0]), f"{ema}: AP50": ([0, 1, 2], [0.0, 20.0, 40.0]),
+        f"{ema}: EMA AP": ([0, 1, 2], [5.0, 15.0, 25.0]), f"{ema}: EMA AP50": ([0, 1, 2], [0.0, 30.0, 60.0]),
+        f"{raw}: AP": ([0, 1], [0.0, 10.0]), f"{raw}: AP50": ([0, 1], [0.0, 20.0]),
+        f"{ema_only}: EMA AP": ([0, 1], [5.0, 15.0]), f"{ema_only}: EMA AP50": ([0, 1], [0.0, 30.0])}
+    assert ap.keys() == expected.keys()
+    for label, (x, y) in expected.items():
+        assert ap[label][0] == x and ap[label][1] == pytest.approx(y), label
+    lines = {line.get_label(): line for line in ap_ax.get_lines()}
+    # one colour per run; EMA told apart by line style
+    assert len({lines[f"{ema}: {kind}"].get_color() for kind in ("AP", "AP50", "EMA AP", "EMA AP50")}) == 1
+    assert lines[f"{ema}: AP"].get_color() != lines[f"{raw}: AP"].get_color()
+    assert len({lines[f"{ema}: {kind}"].get_linestyle() for kind in ("AP", "AP50", "EMA AP", "EMA AP50")}) == 4
+    assert {text.get_text() for text in ap_ax.get_legend().get_texts()} == set(expected)
+    # the training losses as before, the evaluation losses (raw or EMA) not drawn
+    losses = _curves(loss_ax)
+    assert losses.keys() == {f"{run}: {key}" for run in (ema, raw, ema_only) for key in ("loss", "loss_ce",
+                                                                                          "loss_bbox", "loss_giou")}
+    assert losses[f"{ema}: loss"] == ([0, 1, 2], [10.0, 9.0, 8.0])
+    plot_logs.plt.close(fig)
+    assert plot_logs.plot_logs([ema, raw]).stat().st_size > 0
 
 
 def test_plot_logs_missing(tmp_path):

@@ -3,8 +3,10 @@
 Writes one PNG with two panels: the training losses over epochs, log scale (``train_loss`` and
 its final-layer components ``train_loss_ce``, ``train_loss_bbox``, ``train_loss_giou``, as far as
 logged), and COCO box AP and AP50 in percent over epochs (the first two numbers of
-``test_coco_eval_bbox``; epochs without evaluation are skipped). Each log has its own colour and
-is named in the legends by its directory, as given.
+``test_coco_eval_bbox``; epochs without evaluation are skipped). A run that also evaluated an
+exponential moving average of its weights logs those numbers as ``test_ema_coco_eval_bbox``: its
+EMA AP and AP50 are drawn beside the raw weights' (dash-dotted and dotted). Other keys are
+ignored. Each log has its own colour and is named in the legends by its directory, as given.
 
 Usage::
 
@@ -23,10 +25,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogFormatter, MaxNLocator  # noqa: E402
 
 LOSS_KEYS = ("train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou")
 COCO_KEY = "test_coco_eval_bbox"
+EMA_COCO_KEY = "test_ema_coco_eval_bbox"
+# The AP panel's curves: log key, legend prefix, and (line style, marker) of AP and of AP50.
+AP_CURVES = ((COCO_KEY, "", ("-", "o"), ("--", ".")),
+             (EMA_COCO_KEY, "EMA ", ("-.", "s"), (":", "x")))
 LOG_NAME = "log.txt"
 PathLike = str | Path
 
@@ -43,8 +50,8 @@ def load_log(path: PathLike) -> list[dict[str, Any]]:
     Raises:
         FileNotFoundError: no such log.
         ValueError: the log is empty, a line is not a JSON object, no epoch has ``train_loss``,
-            or a ``test_coco_eval_bbox`` entry is not a list of at least two numbers. The
-            message names the file (and the line).
+            or a ``test_coco_eval_bbox`` or ``test_ema_coco_eval_bbox`` entry is not a list of at
+            least two numbers. The message names the file (and the line).
     """
     file = log_file(path)
     if not file.is_file():
@@ -61,11 +68,12 @@ def load_log(path: PathLike) -> list[dict[str, Any]]:
             if not isinstance(entry, dict):
                 raise ValueError(f"{file}, line {number}: expected a JSON object per epoch, "
                                  f"got {type(entry).__name__}")
-            coco = entry.get(COCO_KEY)
-            if coco is not None and not (isinstance(coco, list) and len(coco) >= 2
-                                         and all(isinstance(v, (int, float)) for v in coco)):
-                raise ValueError(f"{file}, line {number}: '{COCO_KEY}' must be a list of COCO numbers "
-                                 f"(AP, AP50, ...), got {coco!r}")
+            for key in (COCO_KEY, EMA_COCO_KEY):
+                coco = entry.get(key)
+                if coco is not None and not (isinstance(coco, list) and len(coco) >= 2
+                                             and all(isinstance(v, (int, float)) for v in coco)):
+                    raise ValueError(f"{file}, line {number}: '{key}' must be a list of COCO numbers "
+                                     f"(AP, AP50, ...), got {coco!r}")
             epochs.append(entry)
     if not epochs:
         raise ValueError(f"{file} is empty: no epochs logged")
@@ -79,16 +87,11 @@ def _epoch(entry: dict[str, Any], index: int) -> int:
     return entry.get("epoch", index)
 
 
-def plot_logs(paths: Sequence[PathLike], out: PathLike | None = None) -> Path:
-    """Plot the logs at ``paths`` (directories or files) into the PNG ``out`` and return its path.
-
-    ``out`` defaults to ``curves.png`` next to the first log.
-    """
+def make_figure(paths: Sequence[PathLike]) -> Figure:
+    """The two panels for the logs at ``paths`` (directories or files)."""
     if not paths:
         raise ValueError("no logs given")
     logs = [(log_file(p), load_log(p)) for p in paths]
-    out = Path(out) if out is not None else logs[0][0].parent / "curves.png"
-
     fig, (loss_ax, ap_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ("-", "--", ":", "-.")
@@ -101,12 +104,15 @@ def plot_logs(paths: Sequence[PathLike], out: PathLike | None = None) -> Path:
             if points:
                 x, y = zip(*points)
                 loss_ax.plot(x, y, style, color=colour, marker=".", label=f"{name}: {key[len('train_'):]}")
-        evaluated = [(_epoch(e, i), e[COCO_KEY]) for i, e in enumerate(epochs) if e.get(COCO_KEY) is not None]
-        if evaluated:
-            any_ap = True
-            x = [epoch for epoch, _ in evaluated]
-            ap_ax.plot(x, [100 * c[0] for _, c in evaluated], "-", color=colour, marker="o", label=f"{name}: AP")
-            ap_ax.plot(x, [100 * c[1] for _, c in evaluated], "--", color=colour, marker=".", label=f"{name}: AP50")
+        for key, prefix, (ap_style, ap_marker), (ap50_style, ap50_marker) in AP_CURVES:
+            evaluated = [(_epoch(e, i), e[key]) for i, e in enumerate(epochs) if e.get(key) is not None]
+            if evaluated:
+                any_ap = True
+                x = [epoch for epoch, _ in evaluated]
+                ap_ax.plot(x, [100 * c[0] for _, c in evaluated], ap_style, color=colour, marker=ap_marker,
+                           label=f"{name}: {prefix}AP")
+                ap_ax.plot(x, [100 * c[1] for _, c in evaluated], ap50_style, color=colour, marker=ap50_marker,
+                           label=f"{name}: {prefix}AP50")
 
     # log scale: the weighted sum (with the auxiliary losses) is many times its components
     loss_ax.set(title="training losses", xlabel="epoch", ylabel="loss", yscale="log")
@@ -117,12 +123,23 @@ def plot_logs(paths: Sequence[PathLike], out: PathLike | None = None) -> Path:
     if any_ap:
         ap_ax.legend(fontsize="small")
     else:
-        ap_ax.text(0.5, 0.5, f"no '{COCO_KEY}' in the logs", ha="center", va="center", transform=ap_ax.transAxes)
+        ap_ax.text(0.5, 0.5, f"no '{COCO_KEY}' or '{EMA_COCO_KEY}' in the logs", ha="center", va="center",
+                   transform=ap_ax.transAxes)
     ap_ax.set_ylim(bottom=0)
     for ax in (loss_ax, ap_ax):
         ax.grid(alpha=0.3, which="both")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
+    return fig
+
+
+def plot_logs(paths: Sequence[PathLike], out: PathLike | None = None) -> Path:
+    """Plot the logs at ``paths`` (directories or files) into the PNG ``out`` and return its path.
+
+    ``out`` defaults to ``curves.png`` next to the first log.
+    """
+    fig = make_figure(paths)
+    out = Path(out) if out is not None else log_file(paths[0]).parent / "curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", dpi=100)
     plt.close(fig)

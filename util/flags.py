@@ -181,6 +181,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="mixed precision: the forward pass under autocast to bfloat16 or float16 (with loss "
                             "scaling); matching, losses and post-processing stay float32. 'none' is the "
                             "original's float32")
+    group.add_argument("--coco_eval_backend", default="pycocotools", choices=("pycocotools", "faster"),
+                       help="COCO evaluation: 'pycocotools' (the original's) or 'faster' (the faster-coco-eval "
+                            "package's C++ evaluation: pycocotools' 12 numbers but for their last bits, about 5 "
+                            "times faster)")
     group.add_argument("--debug", action="store_true",
                        help="print the traceback of an error in the input (flags, files, data), not only its message")
     # The original's sizes; datasets.transforms.DEFAULT_SCALES is the same list for library callers.
