@@ -76,19 +76,29 @@ def _non_finite_count(outputs: Any, device: torch.device) -> Tensor:
 
 
 def _loss_scalars(loss_dict: Mapping[str, Tensor], weight_dict: Mapping[str, float], extra: Sequence[Tensor] = (),
-                  shared: Sequence[Tensor] = ()) -> tuple[dict[str, float], list[float], list[float]]:
+                  shared: Sequence[Tensor] = (),
+                  counted: bool = True) -> tuple[dict[str, float], list[float], list[float]]:
     """Average ``loss_dict`` over processes and bring it to the host with a single transfer.
 
     Returns the logged values -- ``loss`` (weighted sum), each weighted loss under its own name,
     and every entry of ``loss_dict`` as ``<name>_unscaled`` --, the ``extra`` scalars (this
-    process's), and the ``shared`` scalars summed over processes (in the same reduction).
+    process's), and the ``shared`` scalars summed over processes (in the same reduction). A
+    process that takes part without a batch of its own passes ``counted=False``: the average is
+    over the others (when all count, it is, bit for bit, the sum divided by the number of processes).
     """
-    shared_names = [f"\0shared{i}" for i in range(len(shared))]  # sorts before any loss name
-    to_reduce = {k: v.detach() for k, v in loss_dict.items()}
-    to_reduce.update((name, value.float()) for name, value in zip(shared_names, shared))
-    reduced = reduce_dict(to_reduce)
-    summed = [reduced.pop(name) * get_world_size() for name in shared_names]
-    names = sorted(reduced)
+    names = sorted(loss_dict)
+    if get_world_size() > 1:
+        first = loss_dict[names[0]]
+        to_reduce = {k: v.detach() if counted else torch.zeros_like(v) for k, v in loss_dict.items()}
+        # these names sort before any loss name
+        to_reduce["\0count"] = first.new_full((), float(counted))
+        to_reduce.update((f"\0shared{i}", value.to(first.dtype)) for i, value in enumerate(shared))
+        reduced = reduce_dict(to_reduce, average=False)
+        count = reduced.pop("\0count")
+        summed = [reduced.pop(f"\0shared{i}") for i in range(len(shared))]
+        reduced = {k: v / count for k, v in reduced.items()}
+    else:
+        reduced, summed = {k: v.detach() for k, v in loss_dict.items()}, list(shared)
     weighted = [k for k in names if k in weight_dict]
     unscaled = torch.stack([reduced[k].float().reshape(()) for k in names])
     scaled = torch.stack([reduced[k].float().reshape(()) * weight_dict[k] for k in weighted])
@@ -101,6 +111,22 @@ def _loss_scalars(loss_dict: Mapping[str, Tensor], weight_dict: Mapping[str, flo
     values.update((f"{k}_unscaled", v) for k, v in zip(names, host[offset:offset + len(names)]))
     offset += len(names)
     return values, host[offset:offset + len(extra)], host[offset + len(extra):]
+
+
+def _evaluate_nothing(model: nn.Module, criterion: nn.Module, device: torch.device,
+                      amp: torch.dtype | None) -> list[str]:
+    """What an evaluation batch does across processes, for a process whose batch is empty (all its
+    images left out as unreadable): the same collectives, in the same order, on a blank 800x800
+    image without objects (large enough for any two-stage model's proposals), its losses not
+    counted. Returns the names of the values a batch logs."""
+    blank = NestedTensor(torch.zeros(1, 3, 800, 800, device=device),
+                         torch.zeros(1, 800, 800, dtype=torch.bool, device=device))
+    outputs = forward(model, blank, amp)
+    nothing = [{"labels": torch.zeros(0, dtype=torch.int64, device=device),
+                "boxes": torch.zeros(0, 4, device=device)}]
+    values, _, _ = _loss_scalars(criterion(outputs, nothing), criterion.weight_dict,
+                                 shared=[torch.zeros((), dtype=torch.int64, device=device)], counted=False)
+    return list(values)
 
 
 def _check_predictions(count: float, where: str, amp: torch.dtype | None) -> None:
@@ -268,6 +294,9 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
     evaluator = CocoEvaluator(base_ds, ("bbox",), backend=backend)
     for _, (samples, targets) in logger.log_every(data_loader, print_freq, "Test:", device):
         if samples is None:  # every image of the batch was left out (unreadable)
+            if get_world_size() > 1:  # the others reduce their batch's losses, and the meters: take part
+                for name in _evaluate_nothing(model, criterion, device, amp):
+                    logger.meters.setdefault(name, SmoothedValue())
             continue
         image_ids = [int(t["image_id"]) for t in targets]
         samples, targets = to_device(samples, targets, device)

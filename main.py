@@ -1,6 +1,7 @@
 """Train and evaluate Deformable DETR: ``python main.py [flags]`` (see README.md and ``--help``)."""
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 import traceback
@@ -49,6 +50,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.resume and args.finetune:
         raise InputValueError("--resume and --finetune exclude each other: --resume continues a run, "
                               "--finetune starts a new one from a checkpoint's weights")
+    if args.coco_eval_backend == "faster" and importlib.util.find_spec("faster_coco_eval") is None:
+        raise InputValueError("--coco_eval_backend faster needs the faster-coco-eval package (in requirements.txt): "
+                              "pip install -r requirements.txt")
     if args.ema_eval_only and not args.ema:
         raise InputValueError("--ema_eval_only needs --ema (it evaluates the averaged weights only)")
     if args.auto_resume and not args.output_dir:

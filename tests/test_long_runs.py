@@ -316,3 +316,27 @@ def test_the_checkpoint_benchmark_prints_the_size_of_what_main_py_saves():
     # the tensors' bytes, and what torch.save adds around them (well under 1%)
     assert name == variant and float(size) == pytest.approx(sum(t.nbytes for t in tensors) / 2 ** 20, rel=0.01)
     assert float(seconds) > 0
+
+
+@pytest.mark.slow
+def test_a_distributed_evaluation_with_a_process_left_without_images(data, references, tmp_path):
+    """Two processes evaluate a validation set of two images, one image each; process 1's is
+    undecodable and left out (--skip_bad_images): the evaluation ends, with the COCO numbers of a
+    one-process evaluation of the same damaged set. (The losses differ, as in any distributed
+    evaluation: the criterion divides by the number of boxes averaged over the processes.)"""
+    damaged = tmp_path / "coco"
+    subprocess.run(["cp", "-r", str(data), str(damaged)], check=True)
+    images = sorted(json.loads((damaged / "annotations" / "instances_val2017.json").read_text())["images"],
+                    key=lambda image: image["id"])
+    image = damaged / "val2017" / images[1]["file_name"]
+    image.write_bytes(image.read_bytes()[:200])
+    checkpoint = str(references[1] / "checkpoint.pth")
+    results = []
+    for processes in (1, 2):
+        out = tmp_path / f"eval{processes}"
+        text = finish(launch(argv(damaged, out, "--eval", "--resume", checkpoint, "--skip_bad_images",
+                                 "--dist_timeout", "0.5"), tmp_path / f"{processes}.log", processes),
+                      tmp_path / f"{processes}.log", timeout=180)
+        results.append([line for line in text.splitlines() if line.startswith(" Average")])
+        assert "1 of 2 images left out of the evaluation" in text
+    assert len(results[0]) == 12 and results[0] == results[1]
