@@ -79,3 +79,15 @@ def test_a_part_over_its_time_limit_fails(tmp_path):
     status = gpu_check.run_part(gpu_check.Part("probe", False, (), 2, commands), None, tmp_path, report, gpu=True)
     text = (tmp_path / "report.txt").read_text()
     assert status == "FAIL" and "over the part's 2 s limit" in text and "started" in text
+
+
+def test_without_torchvision_the_parts_that_build_the_model_are_skipped_naming_it(tmp_path, monkeypatch):
+    find_spec = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torchvision" else find_spec(name, *a))
+    report = gpu_check.Report(tmp_path / "report.txt")
+    for part in gpu_check.PARTS:
+        if part.name in ("tests", "train_benchmark", "distributed", "devices"):
+            assert gpu_check.run_part(part, None, tmp_path, report, gpu=True) == "SKIP", part.name
+    text = (tmp_path / "report.txt").read_text()
+    assert text.count("SKIP: needs torchvision, not installed") == 4

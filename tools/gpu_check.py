@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 NO_GPU_EXIT = 3
 
 # Packages each part needs beyond torch, by import name (pip name where it differs).
-RUNTIME = ("scipy", "numpy", "PIL", "pycocotools")
+RUNTIME = ("torchvision", "scipy", "numpy", "PIL", "pycocotools")
 PIP_NAMES = {"PIL": "pillow"}
 
 
