@@ -11,17 +11,14 @@ import ops
 from engine import AMP_DTYPES, forward, train_step
 from models import build_model
 from models.ms_deform_attn import MSDeformAttn
-from ops import _extension, core
+from ops import core
 from util.checkpoint import load_checkpoint, restore_training_state
 from util.misc import nested_tensor_from_tensor_list
 
-from helpers import SMALL_MODEL, parse, run_main
+from helpers import SMALL_MODEL, needs_cuda, needs_extension, parse, run_main
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])]
-BACKENDS = [pytest.param("compiled", marks=pytest.mark.skipif(_extension.unavailable_reason("cpu") is not None,
-                                                              reason="ops._C is not built")),
-            "pytorch"]
+BACKENDS = [pytest.param("compiled", marks=needs_extension), "pytorch"]
 
 
 def attention_inputs(device: str, seed: int = 0):
@@ -89,10 +86,11 @@ def test_msdeformattn_under_autocast(device, dtype):
         assert grad is not None and grad.abs().sum() > 0, name  # value, locations and weights all get gradients
 
 
+@needs_extension
 def test_msdeformattn_compiles_under_autocast():
     module, query, reference_points, values, shapes, starts = attention_inputs("cpu")
     torch._dynamo.reset()
-    compiled = torch.compile(module, fullgraph=_extension.unavailable_reason("cpu") is None, backend="aot_eager")
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = module(query, reference_points, values, shapes, starts)
         got = compiled(query, reference_points, values, shapes, starts)

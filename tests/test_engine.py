@@ -21,7 +21,7 @@ from models import build_model
 from util.logger import MetricLogger, SmoothedValue
 from util.misc import nested_tensor_from_tensor_list
 
-from helpers import SMALL_MODEL, parse
+from helpers import SMALL_MODEL, needs_cuda, parse
 
 # --------------------------------------------------------------------------------------------
 # Fakes: a linear "detector" and a criterion with two weighted losses and an unweighted one.
@@ -215,7 +215,7 @@ def test_training_step_adds_one_host_read_to_those_of_model_criterion_and_optimi
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 def test_training_step_synchronisations_on_cuda(tiny_detector):
     args, model, criterion, _ = tiny_detector
     loader = train_loader(args)

@@ -2,7 +2,6 @@
 independent references, autograd, torch.compile / torch.export, the dispatch rules and input
 validation. CUDA tests are marked ``cuda`` and skip without a GPU."""
 import contextlib
-import importlib.util
 import itertools
 import math
 import os
@@ -22,11 +21,9 @@ from torch import Tensor
 import ops
 from ops import _extension, core
 
+from helpers import needs_cuda, needs_extension, needs_two_gpus, no_cuda_build_reason, ops_setup
+
 OPS_DIR = Path(ops.__file__).resolve().parent
-# Whether ops._C imports (a stale or broken build that does not import counts as none).
-needs_extension = pytest.mark.skipif(_extension.unavailable_reason("cpu") is not None,
-                                     reason=str(_extension.unavailable_reason("cpu")))
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 Inputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -614,7 +611,7 @@ def test_cpu_reduced_precision_computes_in_float32(dtype, float32_locations):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@needs_two_gpus
 def test_cuda_second_device():
     kernel_device("cuda")
     inputs = make_inputs(*CASES["basic"], device="cuda:1")
@@ -791,18 +788,11 @@ class TestValidation:
             torch.ops.deformable_detr.ms_deform_attn_backward(grad_output, *inputs)
 
 
-def _setup_module():
-    spec = importlib.util.spec_from_file_location("ops_setup", OPS_DIR / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class TestBuildArchitectures:
-    @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the choice made without a GPU")
     def test_default_list_without_a_gpu(self, monkeypatch):
         monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
-        setup = _setup_module()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # setup.py's view of a machine without one
+        setup = ops_setup()
         assert setup.cuda_arch_list() == setup.DEFAULT_ARCH_LIST
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
         assert setup.cuda_arch_list() == "8.6"
@@ -812,20 +802,20 @@ class TestBuildArchitectures:
     def test_visible_gpus_only(self, monkeypatch):
         monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
         major, minor = torch.cuda.get_device_capability(0)
-        assert f"{major}.{minor}" in _setup_module().cuda_arch_list().split(";")
+        assert f"{major}.{minor}" in ops_setup().cuda_arch_list().split(";")
 
     def test_default_list_is_offered_by_nvcc(self):
         """Every architecture of the default list, and its PTX, is one the CUDA toolkit compiles for."""
-        setup = _setup_module()
+        setup = ops_setup()
         if setup.CUDA_HOME is None:
-            pytest.skip("no CUDA toolkit")
+            pytest.skip(no_cuda_build_reason())
         listed = subprocess.run([str(Path(setup.CUDA_HOME) / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True,
                                 text=True, check=True).stdout.split()
         for arch in setup.DEFAULT_ARCH_LIST.split(";"):
             assert "compute_" + arch.removesuffix("+PTX").replace(".", "") in listed, arch
 
     def test_an_existing_build_is_kept_only_when_it_has_what_is_asked_for(self):
-        covers = _setup_module().build_covers
+        covers = ops_setup().build_covers
         cuda = {"cuda_arch_list": "7.5;9.0"}
         cpu_only = {"cuda_arch_list": None}
         # What an earlier setup.py recorded after a failed CUDA build that fell back to the CPU
@@ -842,9 +832,9 @@ class TestBuildArchitectures:
         """Where setup.py builds the CUDA kernel (a CUDA toolkit found, PyTorch with CUDA, and
         MSDA_WITH_CUDA not 0), the ops._C the tests run has it: no GPU is needed to build it, so a
         CPU-only extension there is a CUDA build that failed or never ran."""
-        reason = _setup_module().cuda_unavailable_reason()
+        reason = no_cuda_build_reason()
         if reason is not None:
-            pytest.skip(f"setup.py builds no CUDA kernel here: {reason}")
+            pytest.skip(reason)
         assert _extension._C is not None, _extension.unavailable_reason("cpu")
         assert _extension._C.with_cuda, ("ops._C was built without its CUDA kernel where nvcc is; "
                                          f"rebuild it with `{_extension.BUILD_COMMAND}` (or make build)")
@@ -854,10 +844,9 @@ class TestBuildArchitectures:
         """A CUDA source that does not compile fails the build: non-zero exit, the compiler's error
         in the output, and no extension or build record left behind (a copy of ops/ builds in
         tmp_path, for one architecture)."""
-        setup = _setup_module()
-        reason = setup.cuda_unavailable_reason()
+        reason = no_cuda_build_reason()
         if reason is not None:
-            pytest.skip(f"setup.py builds no CUDA kernel here: {reason}")
+            pytest.skip(reason)
         ops_copy = Path(shutil.copytree(OPS_DIR, tmp_path / "ops",
                                         ignore=shutil.ignore_patterns("_C*", "__pycache__")))
         source = ops_copy / "csrc" / "cuda" / "ms_deform_attn_cuda.cu"
@@ -881,13 +870,13 @@ class TestBuildArchitectures:
         return path
 
     def test_an_extension_older_than_a_source_is_rebuilt(self, tmp_path):
-        setup = _setup_module()
+        setup = ops_setup()
         assert not setup.newer_than_sources(tmp_path / "_C.so")  # not built at all
         assert not setup.newer_than_sources(self._file_dated(tmp_path / "_C.so", -1))
         assert setup.newer_than_sources(self._file_dated(tmp_path / "_C.so", 1))
 
     def test_an_extension_of_another_torch_is_rebuilt(self, tmp_path):
-        setup = _setup_module()
+        setup = ops_setup()
         built = self._file_dated(tmp_path / "_C.so", 1)
         record = {"torch": torch.__version__, "cuda_arch_list": "9.0"}
         assert setup.can_keep(record, None, [built]) and setup.can_keep(record, "9.0", [built])
