@@ -109,6 +109,13 @@ def tiny_batch():
     return nested_tensor_from_tensor_list(images), targets
 
 
+def float32_gradients(model, criterion, samples, targets) -> dict[str, torch.Tensor]:
+    """The float32 gradients of the weighted loss, computed here without engine.py."""
+    losses = criterion(model(samples), targets)
+    sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses).backward()
+    return {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("variant", [[], ["--with_box_refine", "--two_stage"]])
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_model_forward_and_training_step_in_mixed_precision(variant, amp):
@@ -120,19 +127,33 @@ def test_model_forward_and_training_step_in_mixed_precision(variant, amp):
     got = forward(model, samples, AMP_DTYPES[amp])
     assert got["pred_logits"].dtype == got["pred_boxes"].dtype == torch.float32
     assert all(a["pred_logits"].dtype == torch.float32 for a in got["aux_outputs"])
-    if "--two_stage" not in variant:  # (two-stage ranks its proposals by half-precision logits: others may win)
+    two_stage = "--two_stage" in variant
+    if not two_stage:  # (two-stage ranks its proposals by half-precision logits: others may win)
         torch.testing.assert_close(got["pred_boxes"], want["pred_boxes"], rtol=0, atol=0.02)
         torch.testing.assert_close(got["pred_logits"], want["pred_logits"], rtol=0, atol=0.1)
 
-    reference = copy.deepcopy(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler("cpu") if amp == "fp16" else None
-    values = train_step(model, criterion, samples, targets, optimizer, 0.1, AMP_DTYPES[amp], scaler)
-    fp32_values = train_step(reference, criterion, samples, targets, torch.optim.AdamW(reference.parameters(), lr=1e-4),
-                             0.1)
-    assert values["loss"] == pytest.approx(fp32_values["loss"], rel=0.05)
-    changed = [n for n, p in model.named_parameters() if not torch.equal(p, dict(reference.named_parameters())[n])]
-    assert changed  # the step was taken (the two differ by the rounding of the forward)
+    reference = float32_gradients(copy.deepcopy(model), criterion, samples, targets)
+    before = copy.deepcopy(model.state_dict())
+    # A scale that leaves the float16 gradients finite here (the default 2**16 overflows in the
+    # backward pass, so the scaler would skip the step); 2**8 still keeps them far from underflow.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if amp == "fp16" else None
+    values = train_step(model, criterion, samples, targets, torch.optim.AdamW(model.parameters(), lr=1e-4), 0.1,
+                        AMP_DTYPES[amp], scaler)
+    # the step was taken: its norm logged, the scale not backed off, every parameter with a gradient moved
+    assert "grad_norm" in values
+    assert scaler is None or scaler.get_scale() == 2.0**8
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == set(reference)
+    # ...by the float32 gradients up to half-precision rounding: the same norm (logged before clipping)
+    # and direction (after clipping, as left in .grad)
+    norm = math.sqrt(sum(float(g.square().sum()) for g in reference.values()))
+    assert values["grad_norm"] == pytest.approx(norm, rel=0.05 if two_stage else 0.005)
+    grads = dict(model.named_parameters())
+    got_grad = torch.cat([grads[n].grad.double().flatten() for n in reference])
+    want_grad = torch.cat([g.flatten() for g in reference.values()])
+    cosine = float(got_grad @ want_grad / (got_grad.norm() * want_grad.norm()))
+    assert cosine > (0.9 if two_stage else 0.99)
+    assert float(got_grad.norm()) == pytest.approx(min(norm, 0.1), rel=0.005)  # clipped to --clip_max_norm
 
 
 def test_float16_overflow_is_skipped_not_an_error():
@@ -168,9 +189,33 @@ def test_scaler_state_round_trips_through_a_checkpoint(tmp_path):
     assert fresh.state_dict() == scaler.state_dict()
 
 
+class AutocastProbe:
+    """Forward hooks on every module of a model recording whether autocast was on and the dtype of
+    each floating-point output: (module name, autocast enabled, dtype)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.seen: list[tuple[str, bool, torch.dtype]] = []
+        self.handles = [module.register_forward_hook(self._hook(name)) for name, module in model.named_modules()]
+
+    def _hook(self, name: str):
+        def record(module, inputs, output):
+            for t in (output if isinstance(output, tuple) else (output,)):
+                if isinstance(t, torch.Tensor) and t.is_floating_point():
+                    self.seen.append((name, torch.is_autocast_enabled("cpu"), t.dtype))
+        return record
+
+    def __enter__(self) -> "AutocastProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def test_amp_none_is_the_float32_computation():
-    """Without --amp the model runs as before: forward() is model(samples), and MSDeformAttn's
-    float32 arithmetic is the plain formula, bit for bit."""
+    """--amp none (the default) runs the original's float32 computation: no module of the model
+    runs under autocast or computes in another dtype, in forward() and in a training step; and
+    MSDeformAttn's float32 arithmetic is the plain formula, bit for bit."""
     module, query, reference_points, values, shapes, starts = attention_inputs("cpu")
     locations, weights = module.sampling_locations_and_weights(query, reference_points, shapes)
     offsets = module.sampling_offsets(query).view(2, 7, 4, 2, 3, 2)
@@ -179,13 +224,23 @@ def test_amp_none_is_the_float32_computation():
                                                                                                      None, :])
     logits = module.attention_weights(query).view(2, 7, 4, 6)
     assert torch.equal(weights, torch.nn.functional.softmax(logits, -1).view(2, 7, 4, 2, 3))
-    args = parse(SMALL_MODEL)
+    args = parse(SMALL_MODEL + ["--dropout", "0"])
+    assert args.amp == "none"
     torch.manual_seed(0)
-    model, _, _ = build_model(args)
-    model.eval()
-    samples, _ = tiny_batch()
-    a, b = forward(model, samples, AMP_DTYPES["none"]), model(samples)
-    assert torch.equal(a["pred_logits"], b["pred_logits"]) and torch.equal(a["pred_boxes"], b["pred_boxes"])
+    model, criterion, _ = build_model(args)
+    samples, targets = tiny_batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    with AutocastProbe(model) as none:
+        forward(model, samples, AMP_DTYPES[args.amp])
+        train_step(model, criterion, samples, targets, optimizer, 0.1, AMP_DTYPES[args.amp])
+    with AutocastProbe(model) as bf16:  # the probe sees autocast where there is one
+        forward(model, samples, AMP_DTYPES["bf16"])
+    # every matrix product and convolution ran (nn.MultiheadAttention uses its out_proj's weights only)
+    products = {n for n, m in model.named_modules()
+                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not n.endswith("self_attn.out_proj")}
+    assert products <= {name for name, _, _ in none.seen}
+    assert {(autocast, dtype) for _, autocast, dtype in none.seen} == {(False, torch.float32)}
+    assert {(autocast, dtype) for _, autocast, dtype in bf16.seen} == {(True, torch.float32), (True, torch.bfloat16)}
 
 
 @pytest.mark.slow
