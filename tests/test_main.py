@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 
 from datasets.coco import check_num_classes
 from models import build_model
-from util.checkpoint import load_checkpoint, load_weights
+from util.checkpoint import checkpoint_paths, load_checkpoint, load_weights, save_epoch
 from util.errors import ParameterError
 from util.optim import build_param_groups
 
@@ -183,6 +183,36 @@ def test_non_finite_predictions_stop_with_one_line_before_the_matcher(diverged, 
 
 # --------------------------------------------------------------------------------------------
 # In-process pieces
+
+def test_numbered_checkpoints_before_each_lr_drop_and_every_5_epochs():
+    """The original's rule: checkpoint{epoch:04}.pth after an epoch whose number plus one is a
+    multiple of --lr_drop or of 5 (the lists below are worked out by hand from that rule)."""
+    def numbered(lr_drop: int, epochs: int) -> list[str]:
+        return [path.name for epoch in range(epochs) for path in checkpoint_paths(Path("out"), epoch, lr_drop)
+                if path.name != "checkpoint.pth"]
+
+    assert all(checkpoint_paths(Path("out"), epoch, 40)[0] == Path("out/checkpoint.pth") for epoch in range(50))
+    assert numbered(40, 50) == [f"checkpoint{e:04}.pth" for e in (4, 9, 14, 19, 24, 29, 34, 39, 44, 49)]
+    assert numbered(7, 30) == [f"checkpoint{e:04}.pth" for e in (4, 6, 9, 13, 14, 19, 20, 24, 27, 29)]
+    assert numbered(3, 7) == [f"checkpoint{e:04}.pth" for e in (2, 4, 5)]
+
+
+def test_save_epoch_writes_the_log_the_evaluation_every_50_epochs_and_the_checkpoints(tmp_path):
+    """eval/latest.pth every epoch and eval/NNN.pth after epochs 0, 50, 100, ...; the checkpoint
+    and its numbered copies; one log line per epoch."""
+    epochs = [0, 1, 48, 49, 50, 51, 99, 100, 149, 150]
+    for epoch in epochs:
+        save_epoch(tmp_path, epoch, {"epoch": epoch}, {"evaluated_after": epoch}, {"model": {}, "epoch": epoch}, 40)
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["000.pth", "050.pth", "100.pth", "150.pth",
+                                                                     "latest.pth"]
+    for name, epoch in (("000.pth", 0), ("050.pth", 50), ("100.pth", 100), ("150.pth", 150), ("latest.pth", 150)):
+        assert torch.load(tmp_path / "eval" / name, weights_only=True) == {"evaluated_after": epoch}, name
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0049.pth",
+                                                                        "checkpoint0099.pth", "checkpoint0149.pth"]
+    assert load_checkpoint(tmp_path / "checkpoint0099.pth")["epoch"] == 99
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 150
+    assert [entry["epoch"] for entry in read_log(tmp_path)] == epochs
+
 
 def test_param_groups_follow_the_original_names_and_rates():
     model, _, _ = build_model(parse(SMALL_MODEL + ["--lr_backbone", "2e-5"]))

@@ -1,5 +1,6 @@
 """The detector: checkpoint layout, initialisation, shapes, invariances, gradients."""
 import argparse
+import itertools
 import math
 import re
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import train_step
 from models import build_model
 from models.backbone import Backbone
 from models.deformable_transformer import DeformableTransformer, DeformableTransformerEncoder
@@ -317,12 +319,7 @@ def test_encoder_reference_points_are_pixel_centres():
 
 def test_gradients_reach_trainable_and_skip_frozen():
     model, criterion, _ = build(SMALL + ["--with_box_refine", "--two_stage"])
-    # At initialisation some projections are zero (sampling offsets, attention weights, the
-    # box heads' last layers), which blocks gradients to what feeds them: perturb them.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.01)
+    perturb_zero_weights(model)
     model.train()
     out = model([torch.randn(3, 64, 64), torch.randn(3, 48, 80)])
     targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]])},
@@ -338,6 +335,71 @@ def test_gradients_reach_trainable_and_skip_frozen():
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and all(n.startswith("backbone.0.body.") for n in frozen)
     assert all(("layer1" in n) or n.startswith("backbone.0.body.conv1") for n in frozen)
+
+
+def perturb_zero_weights(model) -> None:
+    """At initialisation some projections are zero (sampling offsets, attention weights, the box
+    heads' last layers), which blocks gradients to what feeds them: perturb them."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.01)
+
+
+def test_learned_position_embedding():
+    """--position_embedding learned: the original's 50 row and 50 column embeddings under
+    backbone.1, the column's at each pixel's x in the first half of the channels and the row's at
+    its y in the second, on each of the backbone's levels; trained through the encoder, only the
+    rows and columns the feature maps reach."""
+    model, criterion, _ = build(SMALL + ["--position_embedding", "learned"])
+    half = 64 // 2
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("backbone.1.")}
+    assert shapes == {"backbone.1.row_embed.weight": (50, half), "backbone.1.col_embed.weight": (50, half)}
+    rows, cols = model.backbone[1].row_embed.weight, model.backbone[1].col_embed.weight
+    samples = nested_tensor_from_tensor_list([torch.randn(3, 64, 96), torch.randn(3, 80, 72)])
+    features, positions = model.backbone(samples)
+    assert len(positions) == 3
+    for feature, pos in zip(features, positions):
+        batch, _, height, width = feature.tensors.shape
+        assert pos.shape == (batch, 2 * half, height, width)
+        for b, y, x in itertools.product(range(batch), range(height), range(width)):
+            assert torch.equal(pos[b, :half, y, x], cols[x]) and torch.equal(pos[b, half:, y, x], rows[y])
+
+    perturb_zero_weights(model)
+    outputs = model(samples)  # levels up to 10x12 (stride 8 of 80x96)
+    losses = criterion(outputs, [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]])}] * 2)
+    sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
+    for embedding, reached in ((rows, 10), (cols, 12)):
+        assert (embedding.grad[:reached] != 0).all(1).all() and not embedding.grad[reached:].any()
+
+
+@pytest.mark.parametrize("flags", [[], ["--with_box_refine", "--two_stage"]])
+def test_no_aux_loss_trains_on_the_last_decoder_layer_alone(flags):
+    """--no_aux_loss: the same parameters and final outputs, no intermediate layers' outputs, and a
+    training loss of the last layer's three weighted losses alone (as in the original, that also
+    leaves out two-stage's encoder loss, which is weighted with the auxiliary ones)."""
+    with_aux, criterion, _ = build(SMALL + flags)
+    without, criterion_without, _ = build(SMALL + flags + ["--no_aux_loss"])
+    state, state_without = with_aux.state_dict(), without.state_dict()
+    assert list(state) == list(state_without) and all(torch.equal(state[k], state_without[k]) for k in state)
+    coefficients = {"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2}
+    assert criterion_without.weight_dict == coefficients
+    assert criterion.weight_dict == {k + suffix: v for suffix in ("", "_0", "_1", "_enc")
+                                     for k, v in coefficients.items()}
+
+    samples = nested_tensor_from_tensor_list([torch.randn(3, 64, 96), torch.randn(3, 80, 72)])
+    targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]])},
+               {"labels": torch.tensor([6]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.5]])}]
+    with torch.no_grad():
+        outputs, outputs_without = with_aux(samples), without(samples)
+    assert "aux_outputs" in outputs and "aux_outputs" not in outputs_without
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(outputs_without[key], outputs[key], rtol=0, atol=0)
+    last_layer = criterion({k: outputs[k] for k in ("pred_logits", "pred_boxes")}, targets)
+    values = train_step(without, criterion_without, samples, targets, torch.optim.SGD(without.parameters(), lr=0), 0.1)
+    assert values["loss"] == pytest.approx(sum(float(last_layer[k]) * w for k, w in coefficients.items()), rel=1e-6)
+    assert not any(k.startswith(("loss_ce_", "loss_bbox_", "loss_giou_")) and not k.endswith("unscaled")
+                   for k in values)
 
 
 def test_lr_backbone_zero_freezes_whole_backbone():

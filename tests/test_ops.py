@@ -242,6 +242,12 @@ class TestPureReference:
         torch.testing.assert_close(ops.ms_deform_attn_pytorch(value, spatial_shapes, locations, weights),
                                    expected)
 
+    @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int16])
+    def test_narrower_integer_shapes(self, index_dtype):
+        value, spatial_shapes, _, locations, weights = make_inputs(2, 3, 2, 3, [(4, 5), (1, 1), (2, 3)], 2)
+        assert torch.equal(ops.ms_deform_attn_pytorch(value, spatial_shapes.to(index_dtype), locations, weights),
+                           ops.ms_deform_attn_pytorch(value, spatial_shapes, locations, weights))
+
     def test_token_count_mismatch(self):
         value, spatial_shapes, _, locations, weights = make_inputs(1, 2, 1, 2, [(2, 2)], 1)
         with pytest.raises(ValueError, match="tokens"):
@@ -307,6 +313,21 @@ class TestKernel:
         inputs = make_inputs(*CASES["basic"], device=device)
         mixed = (inputs[0], inputs[1].cpu(), inputs[2].cpu(), inputs[3], inputs[4])
         torch.testing.assert_close(compiled_op(*mixed).cpu(), reference(inputs))
+
+    @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int16])
+    @pytest.mark.parametrize("metadata_on", ["value's device", "cpu"])
+    def test_narrower_integer_metadata(self, device, index_dtype, metadata_on):
+        """spatial_shapes and level_start_index of any integer dtype: output and gradients are
+        those of int64 metadata, bit for bit, and match the float64 reference."""
+        inputs = make_inputs(*CASES["basic"], device=device)
+        narrow = (inputs[0], *(t.to("cpu" if metadata_on == "cpu" else device, index_dtype) for t in inputs[1:3]),
+                  inputs[3], inputs[4])
+        grad_output = torch.randn(2, 7, 15, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        got = forward_and_grads(compiled_op, narrow, grad_output)
+        for name, a, b in zip(("output", "grad_value", "grad_locations", "grad_weights"), got,
+                              forward_and_grads(compiled_op, inputs, grad_output)):
+            assert torch.equal(a, b), name
+        torch.testing.assert_close(got[0].cpu(), reference(inputs))
 
     def test_far_outside_and_nan_locations_sample_zero(self, device):
         value, spatial_shapes, level_start_index, locations, weights = make_inputs(1, 4, 1, 3, [(3, 3)], 1,
