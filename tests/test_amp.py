@@ -244,11 +244,21 @@ def test_amp_none_is_the_float32_computation():
 
 
 @pytest.mark.slow
-def test_main_saves_the_scaler_with_fp16_only(tiny_coco_root, tmp_path):
-    common = [*SMALL_MODEL, "--coco_path", str(tiny_coco_root), "--batch_size", "2", "--epochs", "1"]
+def test_main_saves_the_scaler_with_fp16_only_and_resumes_it(tiny_coco_root, tmp_path):
+    common = [*SMALL_MODEL, "--coco_path", str(tiny_coco_root), "--batch_size", "2"]
     for amp in ("fp16", "bf16"):
-        proc = run_main([*common, "--amp", amp, "--output_dir", str(tmp_path / amp)])
+        proc = run_main([*common, "--epochs", "1", "--amp", amp, "--output_dir", str(tmp_path / amp)])
         assert proc.returncode == 0, proc.stderr[-3000:]
     fp16 = load_checkpoint(tmp_path / "fp16" / "checkpoint.pth")
     assert fp16["args"].amp == "fp16" and fp16["scaler"]["scale"] > 0
     assert "scaler" not in load_checkpoint(tmp_path / "bf16" / "checkpoint.pth")
+    # A saved scale of 2**8, 5 steps since it last changed: resumed for one epoch of two steps, the
+    # scaler continues from there (a fresh one would start at 2**16 and back off on overflow).
+    fp16["scaler"].update(scale=2.0**8, _growth_tracker=5)
+    torch.save(fp16, tmp_path / "fp16" / "checkpoint.pth")
+    proc = run_main([*common, "--epochs", "2", "--amp", "fp16", "--output_dir", str(tmp_path / "fp16"),
+                     "--auto_resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = load_checkpoint(tmp_path / "fp16" / "checkpoint.pth")
+    assert resumed["epoch"] == 1
+    assert (resumed["scaler"]["scale"], resumed["scaler"]["_growth_tracker"]) == (2.0**8, 7)

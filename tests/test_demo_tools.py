@@ -287,6 +287,28 @@ def test_infer_sampling_points(checkpoints, wide_image, tmp_path, capsys):
     assert distance.max() <= 3
 
 
+def test_infer_in_bfloat16_prints_the_float32_detections_to_its_rounding(wide_image, tmp_path, capsys):
+    # class heads spread out, so that the five best scores lie further apart than bfloat16 rounding
+    args = _tiny_args(BOX_REFINE, "--val_scale", "96", "--max_size", "160")
+    torch.manual_seed(0)
+    model, _, _ = build_model(args)
+    with torch.no_grad():
+        for head in model.class_embed:
+            head.weight.normal_(0, 0.2)
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 0}, tmp_path / "checkpoint.pth")
+    common = ["--resume", str(tmp_path / "checkpoint.pth"), str(wide_image), "--threshold", "0", "--top_k", "5",
+              "--out_dir", str(tmp_path)]
+    assert infer.main(common) == 0
+    want = _parse_detections(capsys.readouterr().out)
+    assert infer.main(common + ["--amp", "bf16"]) == 0
+    got = _parse_detections(capsys.readouterr().out)
+    assert got != want  # it ran in bfloat16
+    assert [d[0] for d in got] == [d[0] for d in want]
+    for a, b in zip(got, want):
+        assert abs(float(a[1]) - float(b[1])) <= 0.01, (a, b)  # score
+        assert max(abs(float(x) - float(y)) for x, y in zip(a[2:], b[2:])) <= 2, (a, b)  # box corners in pixels
+
+
 def test_infer_checkpoint_and_input_handling(checkpoints, tmp_path):
     with pytest.raises(FileNotFoundError, match="no image or folder at .*missing.jpg"):
         infer.image_paths([tmp_path / "missing.jpg"])

@@ -154,6 +154,37 @@ def test_non_finite_loss_exits_1_and_keeps_the_checkpoint(three_epochs, tiny_coc
     assert not (tmp_path / "log.txt").exists()
 
 
+def averaged_test_loss(stdout: str) -> float:
+    """The epoch's average evaluation loss, as the last "Averaged stats" line prints it."""
+    return float(re.findall(r"Averaged stats: class_error: \S+  loss: \S+ \((\S+)\)", stdout)[-1])
+
+
+def test_eval_in_bfloat16_gives_the_float32_losses_to_its_rounding(tiny_coco_root, tmp_path):
+    # at most 64 pixels a side: see test_failures.py on oneDNN's bfloat16 convolutions of width-1 inputs
+    common = train_argv(tiny_coco_root, tmp_path, "--eval", "--max_size", "64")
+    float32 = averaged_test_loss(run_main([*common, "--amp", "none"]).stdout)
+    bfloat16 = averaged_test_loss(run_main([*common, "--amp", "bf16"]).stdout)
+    assert bfloat16 != float32 and bfloat16 == pytest.approx(float32, rel=1e-2)
+    assert (tmp_path / "eval.pth").is_file()
+
+
+def test_seed_decides_the_weights_and_start_epoch_the_first_epoch(tiny_coco_root, tmp_path):
+    """--seed: the same seed gives the same weights, another seed others. --start_epoch 4 with
+    --epochs 5 trains epoch 4 alone, under the schedule's first rate (the original does not step
+    the schedule for the epochs skipped), and saves it as epoch 4 (numbered: 4 + 1 is a multiple of 5)."""
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        run_main(train_argv(tiny_coco_root, tmp_path / name, "--seed", seed, "--start_epoch", "4", "--epochs", "5"))
+    a, b, c = (load_checkpoint(tmp_path / name / "checkpoint.pth") for name in "abc")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # the stem is frozen, so its weights are the initial ones: the seed decides the initialisation
+    assert not torch.equal(a["model"]["backbone.0.body.conv1.weight"], c["model"]["backbone.0.body.conv1.weight"])
+    assert not torch.equal(a["model"]["transformer.level_embed"], c["model"]["transformer.level_embed"])
+    assert a["epoch"] == 4 and sorted(p.name for p in (tmp_path / "a").glob("checkpoint*.pth")) == [
+        "checkpoint.pth", "checkpoint0004.pth"]
+    (entry,) = read_log(tmp_path / "a")
+    assert entry["epoch"] == 4 and entry["train_lr"] == pytest.approx(2e-4)
+
+
 @pytest.fixture(scope="module")
 def diverged(three_epochs, tmp_path_factory) -> Path:
     """The run's checkpoint with one infinite value in the class head's bias."""
