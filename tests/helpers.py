@@ -4,6 +4,7 @@ processes, and the skip conditions (the only reasons a CI run may skip a test, s
 import argparse
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import io
 import os
@@ -66,6 +67,12 @@ SMALL_MODEL = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden
 VARIANT_FLAGS = {name: config_flags(name) for name in VARIANTS}
 MULTI_SCALE, BOX_REFINE, TWO_STAGE = ("r50_deformable_detr", "r50_deformable_detr_plus_iterative_bbox_refinement",
                                       "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage")
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

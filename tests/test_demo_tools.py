@@ -1,8 +1,9 @@
 """Tests of the demo tools: synthetic COCO generator, log plotting, inference and benchmark."""
 import argparse
-import hashlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from tools import benchmark_train, infer, plot_logs
 from tools.make_synthetic_coco import CATEGORIES, make_synthetic_coco
 from util.logger import format_costs, top_costs
 
-from helpers import BOX_REFINE, MULTI_SCALE, TWO_STAGE, VARIANT_FLAGS, parse
+from helpers import BOX_REFINE, MULTI_SCALE, REPO, TWO_STAGE, VARIANT_FLAGS, parse, subprocess_env, tree_digest
 
 TINY_MODEL = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--nheads", "2",
               "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "2", "--num_queries", "10",
@@ -29,11 +30,6 @@ TINY_MODEL = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     return make_synthetic_coco(tmp_path_factory.mktemp("shapes"), num_train=6, num_val=40, image_size=128, seed=3)
-
-
-def _tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # ----- make_synthetic_coco -----
@@ -106,14 +102,32 @@ def test_synthetic_boxes_are_tight_on_the_shapes(shapes):
 
 def test_synthetic_coco_deterministic(tmp_path):
     kwargs = dict(num_train=3, num_val=2, image_size=64)
-    first = _tree_digest(make_synthetic_coco(tmp_path / "a", seed=5, **kwargs))
-    assert first == _tree_digest(make_synthetic_coco(tmp_path / "b", seed=5, **kwargs))
-    other = _tree_digest(make_synthetic_coco(tmp_path / "c", seed=6, **kwargs))
+    first = tree_digest(make_synthetic_coco(tmp_path / "a", seed=5, **kwargs))
+    assert first == tree_digest(make_synthetic_coco(tmp_path / "b", seed=5, **kwargs))
+    other = tree_digest(make_synthetic_coco(tmp_path / "c", seed=6, **kwargs))
     assert first.keys() == other.keys()
     assert all(first[k] != other[k] for k in first if k.endswith(".jpg"))
     # the validation images do not depend on the number of training images
-    more_train = _tree_digest(make_synthetic_coco(tmp_path / "d", seed=5, num_train=4, num_val=2, image_size=64))
+    more_train = tree_digest(make_synthetic_coco(tmp_path / "d", seed=5, num_train=4, num_val=2, image_size=64))
     assert all(more_train[f"val2017/{4 + k:012d}.jpg"] == first[f"val2017/{3 + k:012d}.jpg"] for k in (1, 2))
+
+
+def test_synthetic_coco_command_line(tmp_path):
+    """The command tools/run_demo.sh runs: the files the function writes for the same arguments, and
+    the --num_classes the data needs."""
+    proc = subprocess.run([sys.executable, "tools/make_synthetic_coco.py", "--out", str(tmp_path / "cli"),
+                           "--num_train", "3", "--num_val", "2", "--image_size", "48", "--seed", "7"], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    largest = max(c["id"] for c in CATEGORIES)
+    assert proc.stdout == (f"wrote 3 training and 2 validation images of 48x48 to {tmp_path / 'cli'} "
+                           f"({len(CATEGORIES)} classes, largest category id {largest}: train with --num_classes "
+                           f"{largest + 1})\n")
+    want = make_synthetic_coco(tmp_path / "function", num_train=3, num_val=2, image_size=48, seed=7)
+    assert tree_digest(tmp_path / "cli") == tree_digest(want)
+    proc = subprocess.run([sys.executable, "tools/make_synthetic_coco.py", "--num_train", "3"], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "the following arguments are required: --out" in proc.stderr
 
 
 # ----- plot_logs -----

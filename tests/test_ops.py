@@ -722,6 +722,67 @@ class TestDispatch:
                 ops.ms_deform_attn(*inputs)
 
 
+@pytest.fixture()
+def benchmark_msda(monkeypatch):
+    """tools/benchmark_msda.py at the shapes of a 64x80 image rather than 800x1066, with the
+    thread count and deterministic mode it sets restored afterwards."""
+    from tools import benchmark_msda as bench
+
+    shapes = [(8, 10), (4, 5)]
+    monkeypatch.setattr(bench, "SPATIAL_SHAPES", shapes)
+    monkeypatch.setattr(bench, "NUM_TOKENS", sum(h * w for h, w in shapes))
+    monkeypatch.setattr(bench, "CASES", {"encoder": sum(h * w for h, w in shapes), "decoder": 30})
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield bench
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def run_benchmark_msda(bench, monkeypatch, *argv: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["benchmark_msda.py", *argv])
+    bench.main()
+
+
+def within_rounding(printed_ratio: str, slow: str, fast: str) -> bool:
+    """Whether a ratio printed to 0.1 is one of two times printed to 0.01 ms, given their rounding."""
+    slow_ms, fast_ms = float(slow), float(fast)
+    low, high = (slow_ms - 0.005) / (fast_ms + 0.005), (slow_ms + 0.005) / max(fast_ms - 0.005, 1e-9)
+    return low - 0.05 <= float(printed_ratio.removesuffix("x")) <= high + 0.05
+
+
+@needs_extension
+def test_benchmark_msda_command_line_on_the_cpu(benchmark_msda, monkeypatch, capsys):
+    """The op benchmark make gpu-check runs, on the CPU: every case, batch, implementation and dtype
+    timed, and each speed-up line the ratio of the times printed above it (forward, backward, total,
+    best); --deterministic runs too."""
+    run_benchmark_msda(benchmark_msda, monkeypatch, "--device", "cpu", "--threads", "1", "--dtypes", "float32",
+                       "bfloat16", "--warmup", "0", "--repeat", "2", "--batches", "1", "2", "--no-memory")
+    lines = capsys.readouterr().out.splitlines()
+    rows = {tuple(line.split()[:4]): line.split()[4:] for line in lines[2:] if " speed-up " not in line}
+    assert sorted(rows) == sorted((case, batch, impl, dtype) for case in ("encoder", "decoder") for batch in "12"
+                                  for impl in ("compiled", "pytorch") for dtype in ("float32", "bfloat16"))
+    assert all(len(times) == 5 and times[-1] == "n/a" and float(times[2]) > 0 for times in rows.values())
+    speedups = [line.split() for line in lines[2:] if " speed-up " in line]
+    assert len(speedups) == 2 * 2 * 3
+    for case, batch, _, dtype, *ratios_and_what in speedups:
+        ratios, what = ratios_and_what[:4], " ".join(ratios_and_what[4:])
+        compared = {"(pytorch / compiled)": (("pytorch", dtype), ("compiled", dtype)),
+                    "(compiled float32 / compiled bfloat16)": (("compiled", "float32"), ("compiled", "bfloat16"))}
+        slow, fast = compared[what]
+        for ratio, a, b in zip(ratios, rows[(case, batch, *slow)], rows[(case, batch, *fast)]):
+            assert within_rounding(ratio, a, b), (case, batch, what, ratio, a, b)
+
+    run_benchmark_msda(benchmark_msda, monkeypatch, "--device", "cpu", "--deterministic", "--repeat", "1",
+                       "--warmup", "0", "--batches", "1", "--no-memory")
+    assert "deterministic algorithms" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_benchmark_msda_without_a_gpu_says_so(benchmark_msda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="^no CUDA device is visible$"):
+        run_benchmark_msda(benchmark_msda, monkeypatch, "--device", "cuda")
+
+
 def _bad_inputs():
     """(description, mutate(inputs) -> inputs, message) for inconsistent inputs."""
     def replace(index, fn):
@@ -880,6 +941,33 @@ class TestBuildArchitectures:
         assert "a deliberately broken CUDA source" in output
         assert "MSDA_WITH_CUDA=0 builds the CPU kernel alone" in result.stderr.strip().splitlines()[-1]
         assert not list(ops_copy.glob("_C*")), "a failed build left an extension or a build record"
+
+    @pytest.mark.slow
+    def test_make_sh_builds_an_extension_that_computes_the_op(self, tmp_path):
+        """ops/make.sh in a copy of ops/, for the CPU kernel alone (the CUDA build is make build's,
+        checked above): it exits 0, and a fresh process importing the copy gets a compiled kernel
+        that computes what the pure-PyTorch core computes."""
+        ops_copy = Path(shutil.copytree(OPS_DIR, tmp_path / "ops",
+                                        ignore=shutil.ignore_patterns("_C*", "__pycache__")))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        result = subprocess.run(["bash", str(ops_copy / "make.sh")], capture_output=True, text=True, timeout=600,
+                                env={**env, "MSDA_WITH_CUDA": "0", "PYTHON": sys.executable})
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        assert len(list(ops_copy.glob("_C*.so"))) == 1
+        check = ("import torch, ops\n"
+                 "from ops import _extension\n"
+                 f"assert _extension._C is not None and not _extension._C.with_cuda and ops.__file__ == "
+                 f"{str(ops_copy / '__init__.py')!r}, ops.__file__\n"
+                 "g = torch.Generator().manual_seed(0)\n"
+                 "value = torch.randn(2, 23, 2, 4, generator=g, dtype=torch.float64)\n"
+                 "shapes, starts = torch.tensor([[4, 5], [1, 3]]), torch.tensor([0, 20])\n"
+                 "locations = torch.rand(2, 6, 2, 2, 3, 2, generator=g, dtype=torch.float64)\n"
+                 "weights = torch.rand(2, 6, 2, 2, 3, generator=g, dtype=torch.float64)\n"
+                 "torch.testing.assert_close(torch.ops.deformable_detr.ms_deform_attn(value, shapes, starts, locations,"
+                 " weights), ops.ms_deform_attn_pytorch(value, shapes, locations, weights))\n")
+        result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
 
     @staticmethod
     def _file_dated(path: Path, seconds_after_newest_source: int) -> Path:
