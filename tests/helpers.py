@@ -51,6 +51,7 @@ def no_cuda_build_reason() -> str | None:
     reason = ops_setup().cuda_unavailable_reason()
     return None if reason is None else f"setup.py builds no CUDA kernel here: {reason}"
 
+
 # The tiny COCO's category ids go up to 7, so 8 classifier outputs.
 NUM_CLASSES = 8
 

@@ -212,10 +212,8 @@ def test_padding_does_not_change_detections_given_the_same_features(flags):
     ratios, normalised position encoding). (The backbone's convolutions and the input projections'
     GroupNorm do see the padding, so the full model's outputs depend on it: docs/export.md.)"""
     model, _, _ = build(SMALL + flags)
-    with torch.no_grad():  # offsets and weights away from their symmetric start, some points past the image
-        for p in model.parameters():
-            if p.dim() > 1 and torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.05)
+    perturb_zero_weights(model, std=0.05)  # offsets and weights away from their symmetric start
+    with torch.no_grad():  # and some sampling points past the image
         for attn in (m for m in model.modules() if isinstance(m, MSDeformAttn)):
             attn.sampling_offsets.bias.mul_(3)
     model.eval()
@@ -337,13 +335,13 @@ def test_gradients_reach_trainable_and_skip_frozen():
     assert all(("layer1" in n) or n.startswith("backbone.0.body.conv1") for n in frozen)
 
 
-def perturb_zero_weights(model) -> None:
+def perturb_zero_weights(model, std: float = 0.01) -> None:
     """At initialisation some projections are zero (sampling offsets, attention weights, the box
     heads' last layers), which blocks gradients to what feeds them: perturb them."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1 and torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.01)
+                p.normal_(0, std)
 
 
 def test_learned_position_embedding():
