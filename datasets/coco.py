@@ -294,7 +294,8 @@ class CocoDetection(torch.utils.data.Dataset):
         if self.bad_images == "raise":
             raise BadImageError(f"{summary}; fix or remove them")
         if len(problems) == len(self.ids):
-            raise BadImageError(f"no image under {self.img_folder} can be read: {summary}")
+            # not a BadImageError: main.py would advise --skip_bad_images, which is what left them all out
+            raise InputValueError(f"no image under {self.img_folder} can be read: {summary}")
         warnings.warn(f"{summary}; leaving them out", stacklevel=2)
         self.left_out += [self.ids[i] for i in problems]
         self.ids = [image_id for i, image_id in enumerate(self.ids) if i not in problems]
@@ -351,7 +352,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 warnings.warn(f"skipping {err}", stacklevel=2)
                 if self.bad_images == "omit":
                     return index, None
-        raise BadImageError(f"no image under {self.img_folder} can be read")
+        raise InputValueError(f"no image under {self.img_folder} can be read")
 
     def __getitem__(self, index: int) -> tuple[Any, Target] | None:
         index, image = self._load_good(index)

@@ -1,8 +1,11 @@
 """Constants and helpers shared by the tests: a tiny model configuration, main.py's parser, the
-variants' flags (read from configs/), main.py run in this process, and a clean environment for
-child processes."""
+variants' flags (read from configs/), main.py run in this process, a clean environment for child
+processes, and the skip conditions (the only reasons a CI run may skip a test, see conftest.py)."""
 import argparse
 import contextlib
+import functools
+import hashlib
+import importlib.util
 import io
 import os
 import socket
@@ -10,11 +13,44 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from unittest import mock
 
+import pytest
+import torch
+
+from ops import _extension
 from util.flags import VARIANTS, config_flags, get_args_parser
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The skip reasons of missing hardware: conftest.py lets a CI run skip for these alone, and only
+# where they hold.
+NO_GPU = "no CUDA GPU is visible"
+FEWER_THAN_TWO_GPUS = "fewer than two CUDA GPUs are visible"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason=FEWER_THAN_TWO_GPUS)
+# Skipped outside CI where ops._C does not import (not built, or a stale build); under CI=true
+# such a skip fails the run.
+needs_extension = pytest.mark.skipif(_extension.unavailable_reason("cpu") is not None,
+                                     reason=str(_extension.unavailable_reason("cpu")))
+
+
+@functools.cache
+def ops_setup() -> ModuleType:
+    """ops/setup.py as a module (its build runs only as a script)."""
+    spec = importlib.util.spec_from_file_location("ops_setup", REPO / "ops" / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def no_cuda_build_reason() -> str | None:
+    """Why setup.py builds no CUDA kernel on this machine (no nvcc, a PyTorch without CUDA, or
+    MSDA_WITH_CUDA=0), as a skip reason; ``None`` where it builds one."""
+    reason = ops_setup().cuda_unavailable_reason()
+    return None if reason is None else f"setup.py builds no CUDA kernel here: {reason}"
+
 
 # The tiny COCO's category ids go up to 7, so 8 classifier outputs.
 NUM_CLASSES = 8
@@ -32,6 +68,12 @@ SMALL_MODEL = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden
 VARIANT_FLAGS = {name: config_flags(name) for name in VARIANTS}
 MULTI_SCALE, BOX_REFINE, TWO_STAGE = ("r50_deformable_detr", "r50_deformable_detr_plus_iterative_bbox_refinement",
                                       "r50_deformable_detr_plus_iterative_bbox_refinement_plus_plus_two_stage")
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -175,7 +175,7 @@ def test_infer_names_the_classes_of_a_converted_checkpoint(tmp_path, capsys):
 
     from tools import infer
 
-    theirs = hf_model("r50_deformable_detr", id2label={i: f"thing{i}" for i in range(91)})
+    theirs = perturbed_hf_model(**{**TINY_HF, "id2label": {i: f"thing{i}" for i in range(5)}})
     theirs.save_pretrained(tmp_path / "hf")
     assert convert_checkpoint.main(["--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "c.pth")]) == 0
     assert f"tools/infer.py --class_names {tmp_path / 'c.names.json'}" in capsys.readouterr().out
@@ -188,23 +188,24 @@ def test_infer_names_the_classes_of_a_converted_checkpoint(tmp_path, capsys):
 
 
 def test_what_cannot_be_represented_is_refused(tmp_path):
-    theirs = hf_model("r50_deformable_detr", tie_word_embeddings=False)  # six distinct heads, no refinement
+    # tiny models: the refusals depend on the configuration and the keys, not on the sizes
+    theirs = perturbed_hf_model(**{**TINY_HF, "tie_word_embeddings": False})  # distinct heads, no refinement
     theirs.save_pretrained(tmp_path / "distinct")
     with pytest.raises(ValueError, match=r"class_embed\.\d\.weight differs from class_embed\.0\.weight.*need box "
                                          r"refinement"):
         convert_checkpoint.from_hf(tmp_path / "distinct")
-    hf_model("r50_deformable_detr").save_pretrained(tmp_path / "hf")
+    perturbed_hf_model(**TINY_HF).save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    config["encoder_ffn_dim"] = 2048
+    config["encoder_ffn_dim"] = 128
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="encoder_ffn_dim=2048 and decoder_ffn_dim=1024 differ"):
+    with pytest.raises(ValueError, match="encoder_ffn_dim=128 and decoder_ffn_dim=64 differ"):
         convert_checkpoint.from_hf(tmp_path / "hf")
 
 
 def test_missing_and_unknown_keys_are_listed(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    hf_model("r50_deformable_detr").save_pretrained(tmp_path / "hf")
+    perturbed_hf_model(**TINY_HF).save_pretrained(tmp_path / "hf")
     weights = tmp_path / "hf" / "model.safetensors"
     state = load_file(str(weights))
     del state["model.level_embed"]

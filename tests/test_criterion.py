@@ -187,15 +187,20 @@ def test_aux_and_encoder_losses():
     outputs["enc_outputs"] = random_outputs(2, 30, 4, seed=20)
     targets = random_targets([2, 3], 4, seed=11)
     losses = criterion(outputs, targets)
-    for suffix in ["", "_0", "_1", "_enc"]:
-        for name in ["loss_ce", "loss_bbox", "loss_giou", "cardinality_error"]:
-            assert torch.isfinite(losses[name + suffix])
-    assert "class_error" in losses and "class_error_0" not in losses
-    # the encoder's proposals are matched class-agnostically: all labels become 0
+    names = ["loss_ce", "loss_bbox", "loss_giou", "cardinality_error"]
+    assert set(losses) == {"class_error"} | {name + suffix for name in names for suffix in ["", "_0", "_1", "_enc"]}
+    # each decoder layer's outputs are matched and scored on their own, as the last layer's are
+    # (the same num_boxes: the targets are the same), and the encoder's proposals against
+    # class-agnostic targets: every label 0
     bin_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-    alone = criterion({k: v for k, v in outputs["enc_outputs"].items()}, bin_targets)
-    assert losses["loss_ce_enc"].item() == pytest.approx(alone["loss_ce"].item(), rel=1e-6)
-    assert losses["loss_giou_enc"].item() == pytest.approx(alone["loss_giou"].item(), rel=1e-6)
+    for suffix, layer, layer_targets in [("", {k: outputs[k] for k in ("pred_logits", "pred_boxes")}, targets),
+                                         ("_0", outputs["aux_outputs"][0], targets),
+                                         ("_1", outputs["aux_outputs"][1], targets),
+                                         ("_enc", outputs["enc_outputs"], bin_targets)]:
+        alone = criterion(layer, layer_targets)
+        for name in names:
+            assert losses[name + suffix].item() == pytest.approx(alone[name].item(), rel=1e-6), name + suffix
+    assert len({losses["loss_bbox" + suffix].item() for suffix in ["", "_0", "_1", "_enc"]}) == 4  # not one layer's
     # the caller's targets are not modified
     assert targets[0]["labels"].numel() == 2 and any(t["labels"].any() for t in targets)
 

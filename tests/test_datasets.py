@@ -33,7 +33,7 @@ from tools.make_tiny_coco import CATEGORIES, make_tiny_coco
 from util.box_ops import box_cxcywh_to_xyxy
 from util.misc import NestedTensor, collate_fn
 
-from helpers import SMALL_MODEL, parse, run_main
+from helpers import REPO, SMALL_MODEL, parse, run_main, subprocess_env, tree_digest
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -313,6 +313,29 @@ def test_tiny_coco_fixed_size(tmp_path):
                 assert image.size == (200, 120)
     with pytest.raises(ValueError, match="at least"):
         make_tiny_coco(tmp_path / "small", size=(200, 5))
+
+
+def test_tiny_coco_command_line(tmp_path):
+    """The command tools/gpu_check.py runs (a fixed size) and the size range: the files the
+    function writes for the same arguments; a --size of three numbers is refused."""
+    def cli(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "tools/make_tiny_coco.py", *argv], cwd=REPO, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=120)
+
+    proc = cli(str(tmp_path / "fixed"), "--num_train", "3", "--num_val", "2", "--size", "96", "72")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"wrote 3 train and 2 val images to {tmp_path / 'fixed'}\n"
+    assert tree_digest(tmp_path / "fixed") == tree_digest(
+        make_tiny_coco(tmp_path / "fixed_function", num_train=3, num_val=2, size=(96, 72)))
+    proc = cli(str(tmp_path / "range"), "--num_train", "2", "--num_val", "1", "--min_size", "70", "--max_size", "90",
+               "--max_objects", "2", "--noise", "3", "--seed", "5")
+    assert proc.returncode == 0, proc.stderr
+    assert tree_digest(tmp_path / "range") == tree_digest(
+        make_tiny_coco(tmp_path / "range_function", num_train=2, num_val=1, min_size=70, max_size=90, max_objects=2,
+                       noise=3, seed=5))
+    proc = cli(str(tmp_path / "bad"), "--size", "1", "2", "3")
+    assert proc.returncode == 2 and "--size takes one number or WIDTH HEIGHT, got 3 numbers" in proc.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------- dataset

@@ -111,10 +111,11 @@ def test_run_dist_launch_runs_the_command_under_torchrun(tmp_path):
     proc = _run_script(["tools/run_dist_launch.sh", "2", "python", "main.py"], PYTHON=str(python), MAX_RESTARTS="3")
     assert proc.returncode == 0 and record.read_text().splitlines()[12:14] == ["--max_restarts", "3"]
 
-    proc = _run_script(["tools/run_dist_launch.sh", "2", "python", "main.py"], PYTHON=str(python))
-    assert record.read_text().splitlines()[2:12] == [
+    proc = _run_script(["tools/run_dist_launch.sh", "2", "python", "main.py"], PYTHON=str(python), MAX_RESTARTS="3")
+    assert proc.returncode == 0, proc.stderr
+    assert record.read_text().splitlines()[2:14] == [
         "--nnodes", "1", "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", "29500",
-        "--nproc_per_node", "2"]
+        "--nproc_per_node", "2", "--max_restarts", "3"]
 
     proc = _run_script(["tools/run_dist_launch.sh", "12", "python"], PYTHON=str(python), GPUS_PER_NODE="8")
     assert proc.returncode == 2 and "not a multiple" in proc.stderr
@@ -132,8 +133,9 @@ def test_run_dist_slurm_passes_the_original_srun_options(tmp_path):
         "--cpus-per-task=4", "--kill-on-bad-exit=1", "--qos", "high", "--time", "1:00:00",
         "./configs/r50_deformable_detr.sh", "--batch_size", "4"]
 
-    _run_script(["tools/run_dist_slurm.sh", "dev", "ddetr", "2", "python", "main.py"], PATH=path,
-                CPUS_PER_TASK="6")
+    proc = _run_script(["tools/run_dist_slurm.sh", "dev", "ddetr", "2", "python", "main.py"], PATH=path,
+                       CPUS_PER_TASK="6")
+    assert proc.returncode == 0, proc.stderr
     assert record.read_text().splitlines()[3:7] == ["--gres=gpu:2", "--ntasks=2", "--ntasks-per-node=2",
                                                     "--cpus-per-task=6"]
 

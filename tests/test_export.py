@@ -13,16 +13,15 @@ from PIL import Image
 
 from datasets.transforms import make_coco_transforms
 from models import build_model
-from ops import _extension
 from tools import export_onnx
 from util.flags import ARCHITECTURE_FLAGS, VARIANTS, get_args_parser
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
-from helpers import MULTI_SCALE, NUM_CLASSES, SMALL_MODEL, TWO_STAGE, VARIANT_FLAGS
+from helpers import MULTI_SCALE, NUM_CLASSES, SMALL_MODEL, TWO_STAGE, VARIANT_FLAGS, needs_extension
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-pytestmark = pytest.mark.skipif(_extension.unavailable_reason("cpu") is not None, reason="ops._C is not built")
+pytestmark = needs_extension
 
 # SMALL_MODEL without the run flags, on a ResNet of one block per stage: the export's time goes
 # into tracing and optimising the graph, and the backbone is the part of it whose depth adds

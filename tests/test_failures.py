@@ -39,11 +39,15 @@ def previous_run(tmp_path) -> Path:
 
 
 def expect_failure(args: list[str], previous_run: Path, *fragments: str) -> str:
+    """main.py stops on bad input as the README promises: status 2, one ``error:`` line holding
+    each fragment, no traceback, and the earlier run's files untouched."""
     before = snapshot(previous_run)
     proc = run_main(args)
-    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr[-3000:]
+        assert fragment in lines[0], lines[0]
     assert snapshot(previous_run) == before
     return proc.stderr
 
@@ -218,8 +222,9 @@ def test_two_stage_with_more_queries_than_tokens(coco, tmp_path):
     args = argv(coco, tmp_path / "o", "--with_box_refine", "--two_stage", "--epochs", "1")
     args[args.index("--num_queries") + 1] = "500"
     proc = run_main(args)
-    assert proc.returncode != 0
-    assert "error: --num_queries 500 two-stage proposals are more than the encoder's" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: --num_queries 500 two-stage proposals are more than the encoder's")
+    assert proc.stderr.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------------
@@ -281,6 +286,6 @@ def test_a_crashed_process_stops_the_others_and_the_launcher_fails(coco, tmp_pat
     proc = subprocess.run(args, cwd=REPO, env=subprocess_env(MASTER_PORT=str(free_port()), PYTHON=sys.executable),
                           capture_output=True, text=True, timeout=300)
     elapsed = time.time() - start
-    assert proc.returncode != 0
+    assert proc.returncode == 1, proc.stderr[-3000:]  # torchrun's status when a worker fails
     assert "error: image " in proc.stderr and "(image id" in proc.stderr and "cannot read it" in proc.stderr
     assert elapsed < 120

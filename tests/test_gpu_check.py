@@ -8,14 +8,13 @@ import torch
 
 from tools import gpu_check
 
-from helpers import REPO
-
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+from helpers import REPO, subprocess_env
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess:
+    """tools/gpu_check.py with every GPU hidden, so that it behaves as on a machine without one."""
     return subprocess.run([sys.executable, "tools/gpu_check.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=subprocess_env(CUDA_VISIBLE_DEVICES=""))
 
 
 def test_without_a_gpu_every_gpu_part_is_skipped_and_the_report_says_so(tmp_path):

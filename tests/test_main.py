@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 
 from datasets.coco import check_num_classes
 from models import build_model
-from util.checkpoint import load_checkpoint, load_weights
+from util.checkpoint import checkpoint_paths, load_checkpoint, load_weights, save_epoch
 from util.errors import ParameterError
 from util.optim import build_param_groups
 
@@ -161,6 +161,37 @@ def test_non_finite_loss_exits_1_and_keeps_the_checkpoint(three_epochs, tiny_coc
     assert not (tmp_path / "log.txt").exists()
 
 
+def averaged_test_loss(stdout: str) -> float:
+    """The epoch's average evaluation loss, as the last "Averaged stats" line prints it."""
+    return float(re.findall(r"Averaged stats: class_error: \S+  loss: \S+ \((\S+)\)", stdout)[-1])
+
+
+def test_eval_in_bfloat16_gives_the_float32_losses_to_its_rounding(tiny_coco_root, tmp_path):
+    # at most 64 pixels a side: see test_failures.py on oneDNN's bfloat16 convolutions of width-1 inputs
+    common = train_argv(tiny_coco_root, tmp_path, "--eval", "--max_size", "64")
+    float32 = averaged_test_loss(run_main([*common, "--amp", "none"]).stdout)
+    bfloat16 = averaged_test_loss(run_main([*common, "--amp", "bf16"]).stdout)
+    assert bfloat16 != float32 and bfloat16 == pytest.approx(float32, rel=1e-2)
+    assert (tmp_path / "eval.pth").is_file()
+
+
+def test_seed_decides_the_weights_and_start_epoch_the_first_epoch(tiny_coco_root, tmp_path):
+    """--seed: the same seed gives the same weights, another seed others. --start_epoch 4 with
+    --epochs 5 trains epoch 4 alone, under the schedule's first rate (the original does not step
+    the schedule for the epochs skipped), and saves it as epoch 4 (numbered: 4 + 1 is a multiple of 5)."""
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        run_main(train_argv(tiny_coco_root, tmp_path / name, "--seed", seed, "--start_epoch", "4", "--epochs", "5"))
+    a, b, c = (load_checkpoint(tmp_path / name / "checkpoint.pth") for name in "abc")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # the stem is frozen, so its weights are the initial ones: the seed decides the initialisation
+    assert not torch.equal(a["model"]["backbone.0.body.conv1.weight"], c["model"]["backbone.0.body.conv1.weight"])
+    assert not torch.equal(a["model"]["transformer.level_embed"], c["model"]["transformer.level_embed"])
+    assert a["epoch"] == 4 and sorted(p.name for p in (tmp_path / "a").glob("checkpoint*.pth")) == [
+        "checkpoint.pth", "checkpoint0004.pth"]
+    (entry,) = read_log(tmp_path / "a")
+    assert entry["epoch"] == 4 and entry["train_lr"] == pytest.approx(2e-4)
+
+
 @pytest.fixture(scope="module")
 def diverged(three_epochs, tmp_path_factory) -> Path:
     """The run's checkpoint with one infinite value in the class head's bias."""
@@ -190,6 +221,36 @@ def test_non_finite_predictions_stop_with_one_line_before_the_matcher(diverged, 
 
 # --------------------------------------------------------------------------------------------
 # In-process pieces
+
+def test_numbered_checkpoints_before_each_lr_drop_and_every_5_epochs():
+    """The original's rule: checkpoint{epoch:04}.pth after an epoch whose number plus one is a
+    multiple of --lr_drop or of 5 (the lists below are worked out by hand from that rule)."""
+    def numbered(lr_drop: int, epochs: int) -> list[str]:
+        return [path.name for epoch in range(epochs) for path in checkpoint_paths(Path("out"), epoch, lr_drop)
+                if path.name != "checkpoint.pth"]
+
+    assert all(checkpoint_paths(Path("out"), epoch, 40)[0] == Path("out/checkpoint.pth") for epoch in range(50))
+    assert numbered(40, 50) == [f"checkpoint{e:04}.pth" for e in (4, 9, 14, 19, 24, 29, 34, 39, 44, 49)]
+    assert numbered(7, 30) == [f"checkpoint{e:04}.pth" for e in (4, 6, 9, 13, 14, 19, 20, 24, 27, 29)]
+    assert numbered(3, 7) == [f"checkpoint{e:04}.pth" for e in (2, 4, 5)]
+
+
+def test_save_epoch_writes_the_log_the_evaluation_every_50_epochs_and_the_checkpoints(tmp_path):
+    """eval/latest.pth every epoch and eval/NNN.pth after epochs 0, 50, 100, ...; the checkpoint
+    and its numbered copies; one log line per epoch."""
+    epochs = [0, 1, 48, 49, 50, 51, 99, 100, 149, 150]
+    for epoch in epochs:
+        save_epoch(tmp_path, epoch, {"epoch": epoch}, {"evaluated_after": epoch}, {"model": {}, "epoch": epoch}, 40)
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["000.pth", "050.pth", "100.pth", "150.pth",
+                                                                     "latest.pth"]
+    for name, epoch in (("000.pth", 0), ("050.pth", 50), ("100.pth", 100), ("150.pth", 150), ("latest.pth", 150)):
+        assert torch.load(tmp_path / "eval" / name, weights_only=True) == {"evaluated_after": epoch}, name
+    assert sorted(p.name for p in tmp_path.glob("checkpoint*.pth")) == ["checkpoint.pth", "checkpoint0049.pth",
+                                                                        "checkpoint0099.pth", "checkpoint0149.pth"]
+    assert load_checkpoint(tmp_path / "checkpoint0099.pth")["epoch"] == 99
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 150
+    assert [entry["epoch"] for entry in read_log(tmp_path)] == epochs
+
 
 def test_param_groups_follow_the_original_names_and_rates():
     model, _, _ = build_model(parse(SMALL_MODEL + ["--lr_backbone", "2e-5"]))

@@ -1,19 +1,24 @@
 """The detector: checkpoint layout, initialisation, shapes, invariances, gradients."""
 import argparse
+import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from engine import train_step
 from models import build_model
 from models.backbone import Backbone
 from models.deformable_transformer import DeformableTransformer, DeformableTransformerEncoder
+from models.ms_deform_attn import MSDeformAttn
+from util.checkpoint import load_checkpoint, load_weights
 from util.errors import ParameterError
 from util.flags import VARIANTS
 from util.misc import nested_tensor_from_tensor_list
 
-from helpers import SMALL_MODEL, VARIANT_FLAGS, parse
+from helpers import SMALL_MODEL, VARIANT_FLAGS, needs_cuda, parse
 
 # The original's state_dict manifests (key, shape, dtype, kind), copied from shared/reference.
 REFERENCE = Path(__file__).resolve().parent / "data" / "state_dicts"
@@ -25,6 +30,13 @@ SMALL = ["--backbone", "resnet18", "--hidden_dim", "64", "--nheads", "4", "--dim
 def build(flags, seed=0):
     torch.manual_seed(seed)
     return build_model(parse([*flags, "--backbone_weights", "none", "--device", "cpu"]))
+
+
+def build_on_meta(flags):
+    """The model of ``flags`` with shapes and no storage: building a ResNet-50 model so is ten
+    times faster than initialising its weights."""
+    with torch.device("meta"):
+        return build(flags)
 
 
 def read_manifest(name):
@@ -46,7 +58,7 @@ def state_dict_kinds(model):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_state_dict_matches_released_manifest(name):
     count, rows = read_manifest(name)
-    model, _, _ = build(VARIANT_FLAGS[name])
+    model, _, _ = build_on_meta(VARIANT_FLAGS[name])
     state = model.state_dict()
     kinds = state_dict_kinds(model)
     assert [r[0] for r in rows] == list(state), "keys or their order differ"
@@ -57,18 +69,44 @@ def test_state_dict_matches_released_manifest(name):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count
 
 
+def first_name_of(key: str, kinds: dict[str, str]) -> str:
+    """The manifest's first name of the tensor ``key`` names: a 'buffer' row is either a real
+    buffer or a later name of a parameter the original shares, its heads (one class and one box
+    head for every decoder layer without box refinement, and with it the decoder holding the
+    model's own heads, also the class heads in two-stage)."""
+    if kinds[key] != "buffer":
+        return key
+    names = [key.removeprefix("transformer.decoder."), "transformer.decoder." + key]
+    names += [re.sub(r"^((?:transformer\.decoder\.)?(?:class|bbox)_embed)\.\d+\.", r"\1.0.", n) for n in names]
+    return next((n for n in names if kinds.get(n) == "param"), key)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_released_checkpoint_layout_loads_strictly(tmp_path, name):
-    """A checkpoint in the released layout (args as argparse.Namespace) loads with strict=True."""
-    model, _, _ = build(VARIANT_FLAGS[name], seed=1)
+    """A checkpoint made from the original's manifest alone, in the released layout (args an
+    argparse.Namespace, optimizer and schedule beside the weights; random values, equal where the
+    original shares a tensor), loads through load_checkpoint and load_weights with every key, and
+    each tensor lands under its name."""
+    _, rows = read_manifest(name)
+    kinds = {key: kind for key, _, _, kind in rows}
+    generator = torch.Generator().manual_seed(1)
+    state = {}
+    for key, shape, dtype, _ in rows:
+        source = first_name_of(key, kinds)
+        state[key] = state[source] if source in state else torch.rand(
+            [int(n) for n in shape.split("x")], generator=generator, dtype=getattr(torch, dtype))
     path = tmp_path / "ckpt.pth"
-    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=2e-4), "epoch": 49}, path)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    fresh, _, _ = build(VARIANT_FLAGS[name], seed=2)
-    fresh.load_state_dict(ckpt["model"], strict=True)
-    for key, value in model.state_dict().items():
-        assert torch.equal(fresh.state_dict()[key], value), key
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {"last_epoch": 50},
+                "epoch": 49, "args": argparse.Namespace(lr=2e-4, lr_drop=40)}, path)
+    checkpoint = load_checkpoint(path)
+    assert checkpoint["args"].lr_drop == 40 and checkpoint["epoch"] == 49
+    # materialised without initialising: every value comes from the checkpoint
+    model = build_on_meta(VARIANT_FLAGS[name])[0].to_empty(device="cpu")
+    assert load_weights(model, checkpoint["model"], str(path)) == []
+    loaded = model.state_dict()
+    assert list(loaded) == list(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key
 
 
 def test_initialisation():
@@ -164,14 +202,51 @@ def test_batch_matches_single_images(flags):
             torch.testing.assert_close(batched["pred_boxes"][i], alone["pred_boxes"][0], atol=1e-5, rtol=1e-5)
 
 
-def test_padding_does_not_change_detections():
-    """An image padded with extra width (mask marks it) keeps its normalised boxes' positions
-    only through the valid ratios: its valid-area-relative reference points are unchanged."""
-    img = torch.randn(3, 64, 64)
-    padded = nested_tensor_from_tensor_list([img, torch.randn(3, 64, 128)])
-    assert padded.mask[0, :, :64].logical_not().all() and padded.mask[0, :, 64:].all()
-    ratios = DeformableTransformer.get_valid_ratio(padded.mask)
-    torch.testing.assert_close(ratios, torch.tensor([[0.5, 1.0], [1.0, 1.0]]))
+# Not two-stage: there, as in the original, every padded token is a proposal candidate whose
+# memory is zeroed, so all share one score, and they can win the top-k (they do for this model).
+@pytest.mark.parametrize("flags", [[], ["--with_box_refine"]])
+def test_padding_does_not_change_detections_given_the_same_features(flags):
+    """An image padded below and on the right in a batch gets the detections it gets alone, when
+    the transformer is given its features alone on the valid area and noise on the padding: the
+    transformer masks the padding out and measures positions relative to the valid area (valid
+    ratios, normalised position encoding). (The backbone's convolutions and the input projections'
+    GroupNorm do see the padding, so the full model's outputs depend on it: docs/export.md.)"""
+    model, _, _ = build(SMALL + flags)
+    perturb_zero_weights(model, std=0.05)  # offsets and weights away from their symmetric start
+    with torch.no_grad():  # and some sampling points past the image
+        for attn in (m for m in model.modules() if isinstance(m, MSDeformAttn)):
+            attn.sampling_offsets.bias.mul_(3)
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    image, other = torch.randn(3, 64, 64, generator=generator), torch.randn(3, 128, 128, generator=generator)
+    alone_features = []
+    hooks = [proj.register_forward_hook(lambda module, inputs, output: alone_features.append(output))
+             for proj in model.input_proj]
+    with torch.no_grad():
+        alone = model([image])
+    for hook in hooks:
+        hook.remove()
+
+    def valid_features_and_noise(level):
+        def replace(module, inputs, output):
+            output = output.clone()
+            height, width = alone_features[level].shape[-2:]
+            output[0] = torch.randn(output.shape[1:], generator=generator) * 10
+            output[0, :, :height, :width] = alone_features[level][0]
+            return output
+        return replace
+
+    for level, proj in enumerate(model.input_proj):
+        proj.register_forward_hook(valid_features_and_noise(level))
+    samples = nested_tensor_from_tensor_list([image, other])
+    assert samples.mask[0, 64:].all() and samples.mask[0, :, 64:].all() and not samples.mask[0, :64, :64].any()
+    with torch.no_grad():
+        batched = model(samples)
+    for got, want in zip([batched, *batched["aux_outputs"]], [alone, *alone["aux_outputs"]]):
+        torch.testing.assert_close(got["pred_logits"][0], want["pred_logits"][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["pred_boxes"][0], want["pred_boxes"][0], rtol=1e-4, atol=1e-5)
+    ratios = DeformableTransformer.get_valid_ratio(samples.mask)
+    torch.testing.assert_close(ratios, torch.tensor([[0.5, 0.5], [1.0, 1.0]]))
 
 
 def test_masks_and_valid_ratios_per_level():
@@ -208,8 +283,6 @@ def test_sampling_locations_are_the_originals_formula_bit_for_bit(reference_grad
     """Pixel offsets over (W_l, H_l) plus the reference point, computed as the original writes it
     (a broadcast over heads, levels, points and (x, y), dividing by the int64 shapes): the same
     locations and the same gradients, to the bit."""
-    from models.ms_deform_attn import MSDeformAttn
-
     torch.manual_seed(0)
     module = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=3)
     with torch.no_grad():
@@ -244,12 +317,7 @@ def test_encoder_reference_points_are_pixel_centres():
 
 def test_gradients_reach_trainable_and_skip_frozen():
     model, criterion, _ = build(SMALL + ["--with_box_refine", "--two_stage"])
-    # At initialisation some projections are zero (sampling offsets, attention weights, the
-    # box heads' last layers), which blocks gradients to what feeds them: perturb them.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.01)
+    perturb_zero_weights(model)
     model.train()
     out = model([torch.randn(3, 64, 64), torch.randn(3, 48, 80)])
     targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]])},
@@ -265,6 +333,71 @@ def test_gradients_reach_trainable_and_skip_frozen():
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and all(n.startswith("backbone.0.body.") for n in frozen)
     assert all(("layer1" in n) or n.startswith("backbone.0.body.conv1") for n in frozen)
+
+
+def perturb_zero_weights(model, std: float = 0.01) -> None:
+    """At initialisation some projections are zero (sampling offsets, attention weights, the box
+    heads' last layers), which blocks gradients to what feeds them: perturb them."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and torch.count_nonzero(p) == 0:
+                p.normal_(0, std)
+
+
+def test_learned_position_embedding():
+    """--position_embedding learned: the original's 50 row and 50 column embeddings under
+    backbone.1, the column's at each pixel's x in the first half of the channels and the row's at
+    its y in the second, on each of the backbone's levels; trained through the encoder, only the
+    rows and columns the feature maps reach."""
+    model, criterion, _ = build(SMALL + ["--position_embedding", "learned"])
+    half = 64 // 2
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("backbone.1.")}
+    assert shapes == {"backbone.1.row_embed.weight": (50, half), "backbone.1.col_embed.weight": (50, half)}
+    rows, cols = model.backbone[1].row_embed.weight, model.backbone[1].col_embed.weight
+    samples = nested_tensor_from_tensor_list([torch.randn(3, 64, 96), torch.randn(3, 80, 72)])
+    features, positions = model.backbone(samples)
+    assert len(positions) == 3
+    for feature, pos in zip(features, positions):
+        batch, _, height, width = feature.tensors.shape
+        assert pos.shape == (batch, 2 * half, height, width)
+        for b, y, x in itertools.product(range(batch), range(height), range(width)):
+            assert torch.equal(pos[b, :half, y, x], cols[x]) and torch.equal(pos[b, half:, y, x], rows[y])
+
+    perturb_zero_weights(model)
+    outputs = model(samples)  # levels up to 10x12 (stride 8 of 80x96)
+    losses = criterion(outputs, [{"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3]])}] * 2)
+    sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
+    for embedding, reached in ((rows, 10), (cols, 12)):
+        assert (embedding.grad[:reached] != 0).all(1).all() and not embedding.grad[reached:].any()
+
+
+@pytest.mark.parametrize("flags", [[], ["--with_box_refine", "--two_stage"]])
+def test_no_aux_loss_trains_on_the_last_decoder_layer_alone(flags):
+    """--no_aux_loss: the same parameters and final outputs, no intermediate layers' outputs, and a
+    training loss of the last layer's three weighted losses alone (as in the original, that also
+    leaves out two-stage's encoder loss, which is weighted with the auxiliary ones)."""
+    with_aux, criterion, _ = build(SMALL + flags)
+    without, criterion_without, _ = build(SMALL + flags + ["--no_aux_loss"])
+    state, state_without = with_aux.state_dict(), without.state_dict()
+    assert list(state) == list(state_without) and all(torch.equal(state[k], state_without[k]) for k in state)
+    coefficients = {"loss_ce": 2, "loss_bbox": 5, "loss_giou": 2}
+    assert criterion_without.weight_dict == coefficients
+    assert criterion.weight_dict == {k + suffix: v for suffix in ("", "_0", "_1", "_enc")
+                                     for k, v in coefficients.items()}
+
+    samples = nested_tensor_from_tensor_list([torch.randn(3, 64, 96), torch.randn(3, 80, 72)])
+    targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.3, 0.6, 0.2, 0.2]])},
+               {"labels": torch.tensor([6]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.5]])}]
+    with torch.no_grad():
+        outputs, outputs_without = with_aux(samples), without(samples)
+    assert "aux_outputs" in outputs and "aux_outputs" not in outputs_without
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(outputs_without[key], outputs[key], rtol=0, atol=0)
+    last_layer = criterion({k: outputs[k] for k in ("pred_logits", "pred_boxes")}, targets)
+    values = train_step(without, criterion_without, samples, targets, torch.optim.SGD(without.parameters(), lr=0), 0.1)
+    assert values["loss"] == pytest.approx(sum(float(last_layer[k]) * w for k, w in coefficients.items()), rel=1e-6)
+    assert not any(k.startswith(("loss_ce_", "loss_bbox_", "loss_giou_")) and not k.endswith("unscaled")
+                   for k in values)
 
 
 def test_lr_backbone_zero_freezes_whole_backbone():
@@ -428,7 +561,7 @@ def test_small_trainable_backbone():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("flags", [[], ["--with_box_refine", "--two_stage"]])
 def test_model_on_cuda_matches_cpu(flags, dtype):

@@ -2,7 +2,6 @@
 independent references, autograd, torch.compile / torch.export, the dispatch rules and input
 validation. CUDA tests are marked ``cuda`` and skip without a GPU."""
 import contextlib
-import importlib.util
 import itertools
 import math
 import os
@@ -22,11 +21,9 @@ from torch import Tensor
 import ops
 from ops import _extension, core
 
+from helpers import needs_cuda, needs_extension, needs_two_gpus, no_cuda_build_reason, ops_setup
+
 OPS_DIR = Path(ops.__file__).resolve().parent
-# Whether ops._C imports (a stale or broken build that does not import counts as none).
-needs_extension = pytest.mark.skipif(_extension.unavailable_reason("cpu") is not None,
-                                     reason=str(_extension.unavailable_reason("cpu")))
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 Inputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -245,6 +242,12 @@ class TestPureReference:
         torch.testing.assert_close(ops.ms_deform_attn_pytorch(value, spatial_shapes, locations, weights),
                                    expected)
 
+    @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int16])
+    def test_narrower_integer_shapes(self, index_dtype):
+        value, spatial_shapes, _, locations, weights = make_inputs(2, 3, 2, 3, [(4, 5), (1, 1), (2, 3)], 2)
+        assert torch.equal(ops.ms_deform_attn_pytorch(value, spatial_shapes.to(index_dtype), locations, weights),
+                           ops.ms_deform_attn_pytorch(value, spatial_shapes, locations, weights))
+
     def test_token_count_mismatch(self):
         value, spatial_shapes, _, locations, weights = make_inputs(1, 2, 1, 2, [(2, 2)], 1)
         with pytest.raises(ValueError, match="tokens"):
@@ -310,6 +313,21 @@ class TestKernel:
         inputs = make_inputs(*CASES["basic"], device=device)
         mixed = (inputs[0], inputs[1].cpu(), inputs[2].cpu(), inputs[3], inputs[4])
         torch.testing.assert_close(compiled_op(*mixed).cpu(), reference(inputs))
+
+    @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int16])
+    @pytest.mark.parametrize("metadata_on", ["value's device", "cpu"])
+    def test_narrower_integer_metadata(self, device, index_dtype, metadata_on):
+        """spatial_shapes and level_start_index of any integer dtype: output and gradients are
+        those of int64 metadata, bit for bit, and match the float64 reference."""
+        inputs = make_inputs(*CASES["basic"], device=device)
+        narrow = (inputs[0], *(t.to("cpu" if metadata_on == "cpu" else device, index_dtype) for t in inputs[1:3]),
+                  inputs[3], inputs[4])
+        grad_output = torch.randn(2, 7, 15, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        got = forward_and_grads(compiled_op, narrow, grad_output)
+        for name, a, b in zip(("output", "grad_value", "grad_locations", "grad_weights"), got,
+                              forward_and_grads(compiled_op, inputs, grad_output)):
+            assert torch.equal(a, b), name
+        torch.testing.assert_close(got[0].cpu(), reference(inputs))
 
     def test_far_outside_and_nan_locations_sample_zero(self, device):
         value, spatial_shapes, level_start_index, locations, weights = make_inputs(1, 4, 1, 3, [(3, 3)], 1,
@@ -614,7 +632,7 @@ def test_cpu_reduced_precision_computes_in_float32(dtype, float32_locations):
 
 @pytest.mark.cuda
 @needs_cuda
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@needs_two_gpus
 def test_cuda_second_device():
     kernel_device("cuda")
     inputs = make_inputs(*CASES["basic"], device="cuda:1")
@@ -704,6 +722,67 @@ class TestDispatch:
                 ops.ms_deform_attn(*inputs)
 
 
+@pytest.fixture()
+def benchmark_msda(monkeypatch):
+    """tools/benchmark_msda.py at the shapes of a 64x80 image rather than 800x1066, with the
+    thread count and deterministic mode it sets restored afterwards."""
+    from tools import benchmark_msda as bench
+
+    shapes = [(8, 10), (4, 5)]
+    monkeypatch.setattr(bench, "SPATIAL_SHAPES", shapes)
+    monkeypatch.setattr(bench, "NUM_TOKENS", sum(h * w for h, w in shapes))
+    monkeypatch.setattr(bench, "CASES", {"encoder": sum(h * w for h, w in shapes), "decoder": 30})
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield bench
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def run_benchmark_msda(bench, monkeypatch, *argv: str) -> None:
+    monkeypatch.setattr(sys, "argv", ["benchmark_msda.py", *argv])
+    bench.main()
+
+
+def within_rounding(printed_ratio: str, slow: str, fast: str) -> bool:
+    """Whether a ratio printed to 0.1 is one of two times printed to 0.01 ms, given their rounding."""
+    slow_ms, fast_ms = float(slow), float(fast)
+    low, high = (slow_ms - 0.005) / (fast_ms + 0.005), (slow_ms + 0.005) / max(fast_ms - 0.005, 1e-9)
+    return low - 0.05 <= float(printed_ratio.removesuffix("x")) <= high + 0.05
+
+
+@needs_extension
+def test_benchmark_msda_command_line_on_the_cpu(benchmark_msda, monkeypatch, capsys):
+    """The op benchmark make gpu-check runs, on the CPU: every case, batch, implementation and dtype
+    timed, and each speed-up line the ratio of the times printed above it (forward, backward, total,
+    best); --deterministic runs too."""
+    run_benchmark_msda(benchmark_msda, monkeypatch, "--device", "cpu", "--threads", "1", "--dtypes", "float32",
+                       "bfloat16", "--warmup", "0", "--repeat", "2", "--batches", "1", "2", "--no-memory")
+    lines = capsys.readouterr().out.splitlines()
+    rows = {tuple(line.split()[:4]): line.split()[4:] for line in lines[2:] if " speed-up " not in line}
+    assert sorted(rows) == sorted((case, batch, impl, dtype) for case in ("encoder", "decoder") for batch in "12"
+                                  for impl in ("compiled", "pytorch") for dtype in ("float32", "bfloat16"))
+    assert all(len(times) == 5 and times[-1] == "n/a" and float(times[2]) > 0 for times in rows.values())
+    speedups = [line.split() for line in lines[2:] if " speed-up " in line]
+    assert len(speedups) == 2 * 2 * 3
+    for case, batch, _, dtype, *ratios_and_what in speedups:
+        ratios, what = ratios_and_what[:4], " ".join(ratios_and_what[4:])
+        compared = {"(pytorch / compiled)": (("pytorch", dtype), ("compiled", dtype)),
+                    "(compiled float32 / compiled bfloat16)": (("compiled", "float32"), ("compiled", "bfloat16"))}
+        slow, fast = compared[what]
+        for ratio, a, b in zip(ratios, rows[(case, batch, *slow)], rows[(case, batch, *fast)]):
+            assert within_rounding(ratio, a, b), (case, batch, what, ratio, a, b)
+
+    run_benchmark_msda(benchmark_msda, monkeypatch, "--device", "cpu", "--deterministic", "--repeat", "1",
+                       "--warmup", "0", "--batches", "1", "--no-memory")
+    assert "deterministic algorithms" in capsys.readouterr().out.splitlines()[0]
+
+
+def test_benchmark_msda_without_a_gpu_says_so(benchmark_msda, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="^no CUDA device is visible$"):
+        run_benchmark_msda(benchmark_msda, monkeypatch, "--device", "cuda")
+
+
 def _bad_inputs():
     """(description, mutate(inputs) -> inputs, message) for inconsistent inputs."""
     def replace(index, fn):
@@ -791,18 +870,11 @@ class TestValidation:
             torch.ops.deformable_detr.ms_deform_attn_backward(grad_output, *inputs)
 
 
-def _setup_module():
-    spec = importlib.util.spec_from_file_location("ops_setup", OPS_DIR / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class TestBuildArchitectures:
-    @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the choice made without a GPU")
     def test_default_list_without_a_gpu(self, monkeypatch):
         monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
-        setup = _setup_module()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # setup.py's view of a machine without one
+        setup = ops_setup()
         assert setup.cuda_arch_list() == setup.DEFAULT_ARCH_LIST
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")
         assert setup.cuda_arch_list() == "8.6"
@@ -812,20 +884,20 @@ class TestBuildArchitectures:
     def test_visible_gpus_only(self, monkeypatch):
         monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
         major, minor = torch.cuda.get_device_capability(0)
-        assert f"{major}.{minor}" in _setup_module().cuda_arch_list().split(";")
+        assert f"{major}.{minor}" in ops_setup().cuda_arch_list().split(";")
 
     def test_default_list_is_offered_by_nvcc(self):
         """Every architecture of the default list, and its PTX, is one the CUDA toolkit compiles for."""
-        setup = _setup_module()
+        setup = ops_setup()
         if setup.CUDA_HOME is None:
-            pytest.skip("no CUDA toolkit")
+            pytest.skip(no_cuda_build_reason())
         listed = subprocess.run([str(Path(setup.CUDA_HOME) / "bin" / "nvcc"), "--list-gpu-arch"], capture_output=True,
                                 text=True, check=True).stdout.split()
         for arch in setup.DEFAULT_ARCH_LIST.split(";"):
             assert "compute_" + arch.removesuffix("+PTX").replace(".", "") in listed, arch
 
     def test_an_existing_build_is_kept_only_when_it_has_what_is_asked_for(self):
-        covers = _setup_module().build_covers
+        covers = ops_setup().build_covers
         cuda = {"cuda_arch_list": "7.5;9.0"}
         cpu_only = {"cuda_arch_list": None}
         # What an earlier setup.py recorded after a failed CUDA build that fell back to the CPU
@@ -842,9 +914,9 @@ class TestBuildArchitectures:
         """Where setup.py builds the CUDA kernel (a CUDA toolkit found, PyTorch with CUDA, and
         MSDA_WITH_CUDA not 0), the ops._C the tests run has it: no GPU is needed to build it, so a
         CPU-only extension there is a CUDA build that failed or never ran."""
-        reason = _setup_module().cuda_unavailable_reason()
+        reason = no_cuda_build_reason()
         if reason is not None:
-            pytest.skip(f"setup.py builds no CUDA kernel here: {reason}")
+            pytest.skip(reason)
         assert _extension._C is not None, _extension.unavailable_reason("cpu")
         assert _extension._C.with_cuda, ("ops._C was built without its CUDA kernel where nvcc is; "
                                          f"rebuild it with `{_extension.BUILD_COMMAND}` (or make build)")
@@ -854,10 +926,9 @@ class TestBuildArchitectures:
         """A CUDA source that does not compile fails the build: non-zero exit, the compiler's error
         in the output, and no extension or build record left behind (a copy of ops/ builds in
         tmp_path, for one architecture)."""
-        setup = _setup_module()
-        reason = setup.cuda_unavailable_reason()
+        reason = no_cuda_build_reason()
         if reason is not None:
-            pytest.skip(f"setup.py builds no CUDA kernel here: {reason}")
+            pytest.skip(reason)
         ops_copy = Path(shutil.copytree(OPS_DIR, tmp_path / "ops",
                                         ignore=shutil.ignore_patterns("_C*", "__pycache__")))
         source = ops_copy / "csrc" / "cuda" / "ms_deform_attn_cuda.cu"
@@ -871,6 +942,33 @@ class TestBuildArchitectures:
         assert "MSDA_WITH_CUDA=0 builds the CPU kernel alone" in result.stderr.strip().splitlines()[-1]
         assert not list(ops_copy.glob("_C*")), "a failed build left an extension or a build record"
 
+    @pytest.mark.slow
+    def test_make_sh_builds_an_extension_that_computes_the_op(self, tmp_path):
+        """ops/make.sh in a copy of ops/, for the CPU kernel alone (the CUDA build is make build's,
+        checked above): it exits 0, and a fresh process importing the copy gets a compiled kernel
+        that computes what the pure-PyTorch core computes."""
+        ops_copy = Path(shutil.copytree(OPS_DIR, tmp_path / "ops",
+                                        ignore=shutil.ignore_patterns("_C*", "__pycache__")))
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        result = subprocess.run(["bash", str(ops_copy / "make.sh")], capture_output=True, text=True, timeout=600,
+                                env={**env, "MSDA_WITH_CUDA": "0", "PYTHON": sys.executable})
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+        assert len(list(ops_copy.glob("_C*.so"))) == 1
+        check = ("import torch, ops\n"
+                 "from ops import _extension\n"
+                 f"assert _extension._C is not None and not _extension._C.with_cuda and ops.__file__ == "
+                 f"{str(ops_copy / '__init__.py')!r}, ops.__file__\n"
+                 "g = torch.Generator().manual_seed(0)\n"
+                 "value = torch.randn(2, 23, 2, 4, generator=g, dtype=torch.float64)\n"
+                 "shapes, starts = torch.tensor([[4, 5], [1, 3]]), torch.tensor([0, 20])\n"
+                 "locations = torch.rand(2, 6, 2, 2, 3, 2, generator=g, dtype=torch.float64)\n"
+                 "weights = torch.rand(2, 6, 2, 2, 3, generator=g, dtype=torch.float64)\n"
+                 "torch.testing.assert_close(torch.ops.deformable_detr.ms_deform_attn(value, shapes, starts, locations,"
+                 " weights), ops.ms_deform_attn_pytorch(value, shapes, locations, weights))\n")
+        result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
     @staticmethod
     def _file_dated(path: Path, seconds_after_newest_source: int) -> Path:
         # Files only, as setup.py compares (a directory's mtime moves when a file in it is replaced).
@@ -881,13 +979,13 @@ class TestBuildArchitectures:
         return path
 
     def test_an_extension_older_than_a_source_is_rebuilt(self, tmp_path):
-        setup = _setup_module()
+        setup = ops_setup()
         assert not setup.newer_than_sources(tmp_path / "_C.so")  # not built at all
         assert not setup.newer_than_sources(self._file_dated(tmp_path / "_C.so", -1))
         assert setup.newer_than_sources(self._file_dated(tmp_path / "_C.so", 1))
 
     def test_an_extension_of_another_torch_is_rebuilt(self, tmp_path):
-        setup = _setup_module()
+        setup = ops_setup()
         built = self._file_dated(tmp_path / "_C.so", 1)
         record = {"torch": torch.__version__, "cuda_arch_list": "9.0"}
         assert setup.can_keep(record, None, [built]) and setup.can_keep(record, "9.0", [built])

@@ -5,6 +5,8 @@ left out of COCO evaluation, not counted twice."""
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -20,7 +22,7 @@ from tools.make_tiny_coco import make_tiny_coco
 from util.checkpoint import load_checkpoint
 from util.flags import VARIANTS, check_checkpoint_args
 
-from helpers import SMALL_MODEL, VARIANT_FLAGS, parse, run_main
+from helpers import REPO, SMALL_MODEL, VARIANT_FLAGS, parse, run_main, subprocess_env
 
 
 def train_argv(coco: Path, output_dir: Path, *extra: str) -> list[str]:
@@ -157,6 +159,40 @@ def test_bad_device_names_the_flag(tiny_coco_root, tmp_path):
     expect_user_error(argv, tmp_path, "--device cup is not a device: use cpu, cuda or cuda:N")
 
 
+def test_the_default_device_without_a_visible_gpu(tiny_coco_root, tmp_path):
+    """--device cuda is the default, so a CPU user's first run meets this: a real main.py with
+    every GPU hidden and no --device."""
+    argv = train_argv(tiny_coco_root, tmp_path / "out")
+    del argv[argv.index("--device"):argv.index("--device") + 2]
+    proc = subprocess.run([sys.executable, "main.py", *argv], cwd=REPO, env=subprocess_env(CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr == "error: --device cuda but no CUDA device is visible; pass --device cpu\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cuda_device_past_the_visible_ones(tiny_coco_root, tmp_path, monkeypatch):
+    argv = train_argv(tiny_coco_root, tmp_path / "out")
+    argv[argv.index("--device") + 1] = "cuda:99"
+    visible = torch.cuda.device_count()
+    expect_user_error(argv, tmp_path, f"--device cuda:99 but only {visible} CUDA devices are visible" if visible else
+                      "--device cuda:99 but no CUDA device is visible")
+    # the first message's case on any machine: one GPU visible, cuda:1 asked for
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv[argv.index("--device") + 1] = "cuda:1"
+    expect_user_error(argv, tmp_path, "--device cuda:1 but only 1 CUDA devices are visible")
+
+
+@pytest.mark.parametrize("value, traceback", [("1", True), ("0", False)])
+def test_ddetr_debug_shows_the_traceback(tiny_coco_root, tmp_path, monkeypatch, value, traceback):
+    monkeypatch.setenv("DDETR_DEBUG", value)
+    proc = run_main(train_argv(tiny_coco_root, tmp_path / "out", "--resume", str(tmp_path)))
+    assert proc.returncode == 2
+    assert ("Traceback" in proc.stderr) == traceback, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: checkpoint {tmp_path} is a folder, not a checkpoint file"
+
+
 def test_output_dir_that_cannot_be_created(tiny_coco_root, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -193,10 +229,28 @@ def test_a_failed_start_creates_no_folder(tmp_path):
     ("nan_box", ["instances_train2017.json: annotation", "has a non-finite value in bbox [nan"]),
     ("infinite_box", ["instances_train2017.json: annotation", "has a non-finite value in bbox", "inf"]),
     ("empty_split", ["instances_val2017.json: 'images' is empty"]),
+    ("image_without_id", ["instances_train2017.json: images[1] has no 'id'"]),
+    ("image_without_file_name", ["instances_train2017.json: images[1] has no 'file_name'"]),
+    *[(f"annotation_without_{key}", [f"instances_train2017.json: annotations[2] has no '{key}'"])
+      for key in ("id", "image_id", "bbox", "category_id")],
+    ("unknown_image", ["instances_train2017.json: annotation", "refers to image 777, which is not in 'images'"]),
+    ("three_numbers_box", ["instances_train2017.json: annotation", "has bbox [1, 2, 3]; expected [x, y, width, "
+                                                                   "height]"]),
+    ("box_of_strings", ["instances_train2017.json: annotation", "has bbox ['1', '2', '3', '4']; expected"]),
 ])
 def test_malformed_annotations_stop_at_start_up(coco, tmp_path, damage, fragments):
     def edit(data):
-        if damage == "unknown_category":
+        if damage.startswith("image_without_"):
+            del data["images"][1][damage.removeprefix("image_without_")]
+        elif damage.startswith("annotation_without_"):
+            del data["annotations"][2][damage.removeprefix("annotation_without_")]
+        elif damage == "unknown_image":
+            data["annotations"][0]["image_id"] = 777
+        elif damage == "three_numbers_box":
+            data["annotations"][0]["bbox"] = [1, 2, 3]
+        elif damage == "box_of_strings":
+            data["annotations"][0]["bbox"] = ["1", "2", "3", "4"]
+        elif damage == "unknown_category":
             data["annotations"][0]["category_id"] = 99
         elif damage == "duplicate_image":
             data["images"].append(dict(data["images"][0]))
@@ -209,7 +263,7 @@ def test_malformed_annotations_stop_at_start_up(coco, tmp_path, damage, fragment
 
     edit_annotations(coco, "val" if damage == "empty_split" else "train", edit)
     line = expect_user_error(train_argv(coco, tmp_path / "out"), tmp_path, *fragments)
-    if damage != "duplicate_image" and damage != "empty_split":
+    if damage in ("unknown_category", "nan_box", "infinite_box", "three_numbers_box", "box_of_strings"):
         annotation = json.loads((coco / "annotations" / "instances_train2017.json").read_text())["annotations"][0]
         assert f"annotation {annotation['id']} (image {annotation['image_id']})" in line
 
@@ -447,6 +501,50 @@ def test_unreadable_validation_image_is_left_out_like_a_set_without_it(tiny_coco
     assert skipped["coco_eval_bbox"][0] > 0.3  # good detections, so the comparison is not of zeros
     assert skipped["coco_eval_bbox"] == reference["coco_eval_bbox"]
     assert skipped["loss"] == pytest.approx(reference["loss"])
+
+
+# ------------------------------------------------------------------------------------------
+# Every image of a split unreadable, with --skip_bad_images
+
+def damage_split(coco: Path, split: str, damage: str) -> list[dict]:
+    images = sorted(json.loads((coco / "annotations" / f"instances_{split}2017.json").read_text())["images"],
+                    key=lambda im: im["id"])
+    for image in images:
+        damage_file(coco / f"{split}2017" / image["file_name"], damage)
+    return images
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_every_image_missing_under_skip_bad_images_stops_at_start_up(coco, tmp_path, split):
+    images = damage_split(coco, split, "missing")
+    out = tmp_path / "out"
+    folder = coco / f"{split}2017"
+    line = expect_user_error(train_argv(coco, out, "--skip_bad_images"), tmp_path,
+                             f"no image under {folder} can be read: {len(images)} of the {len(images)} images under "
+                             f"{folder} cannot be used", f"{images[0]['file_name']} (image id {images[0]['id']}): "
+                                                         f"missing")
+    assert "--skip_bad_images skips" not in line  # it was given
+    assert not out.exists()
+
+
+def test_every_training_image_undecodable_under_skip_bad_images_stops_at_the_first_batch(coco, tmp_path):
+    damage_split(coco, "train", "truncated")
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="skipping image .* cannot read it"):
+        proc = run_main(train_argv(coco, out, "--skip_bad_images", "--epochs", "1"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr == f"error: no image under {coco / 'train2017'} can be read\n"
+    assert not list(out.glob("checkpoint*.pth")) and not (out / "log.txt").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="engine.evaluate reports every image left out and the run ends with status 0; "
+                                       "it should stop there with an error (engine.py is not this change's to edit)")
+def test_every_validation_image_undecodable_under_skip_bad_images_is_an_error(coco, tmp_path):
+    damage_split(coco, "val", "truncated")
+    with pytest.warns(UserWarning, match="skipping image .* cannot read it"):
+        proc = run_main(train_argv(coco, tmp_path / "out", "--skip_bad_images", "--eval"))
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert proc.stderr.startswith("error: ") and str(coco / "val2017") in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------
