@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from datasets.coco_eval import CocoEvaluator
 from util.dist import get_world_size, is_main_process, reduce_dict
 from util.ema import ModelEMA
+from util.errors import InputValueError
 from util.logger import MetricLogger, SmoothedValue, print_main
 from util.misc import NestedTensor, full_precision
 
@@ -315,6 +316,10 @@ def evaluate(model: nn.Module, criterion: nn.Module, postprocessors: Mapping[str
     logger.synchronize_between_processes(device)
     print_main("Averaged stats:", logger)
     evaluator.synchronize_between_processes()
+    if not evaluator.detections:  # known alike on every process, once gathered
+        folder = getattr(getattr(data_loader, "dataset", None), "img_folder", "the validation set")
+        raise InputValueError(f"no image under {folder} could be read (all {len(evaluator.coco_gt.imgs)} were "
+                              f"left out): nothing to evaluate")
     with _quiet_unless_main():
         evaluator.accumulate()
         evaluator.summarize()
