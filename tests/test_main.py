@@ -187,7 +187,7 @@ def test_seed_decides_the_weights_and_start_epoch_the_first_epoch(tiny_coco_root
     assert not torch.equal(a["model"]["backbone.0.body.conv1.weight"], c["model"]["backbone.0.body.conv1.weight"])
     assert not torch.equal(a["model"]["transformer.level_embed"], c["model"]["transformer.level_embed"])
     assert a["epoch"] == 4 and sorted(p.name for p in (tmp_path / "a").glob("checkpoint*.pth")) == [
-        "checkpoint.pth", "checkpoint0004.pth"]
+        "checkpoint.pth", "checkpoint0004.pth", "checkpoint_best.pth"]
     (entry,) = read_log(tmp_path / "a")
     assert entry["epoch"] == 4 and entry["train_lr"] == pytest.approx(2e-4)
 

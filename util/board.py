@@ -50,9 +50,9 @@ class TrainingBoard:
 
     def __init__(self, log_dir: Path, iterations_per_epoch: int, weight_names: Sequence[str],
                  optimizer: torch.optim.Optimizer, print_freq: int, resume_step: int = 0):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+        self.log_dir = log_dir
+        self.purge_step = resume_step + 1 if resume_step else None
+        self._writer = None
         self.iterations_per_epoch = iterations_per_epoch
         self.weight_names = set(weight_names)
         self.optimizer = optimizer
@@ -60,6 +60,16 @@ class TrainingBoard:
         self.epoch = 0
         self.iterations = 0
         self._last = (0, time.monotonic())
+
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter``, created with the first event (a run that fails before its first
+        step leaves no event file)."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step)
+        return self._writer
 
     def step(self, epoch: int, iteration: int) -> int:
         """The global step after ``iteration`` (counted from 0) of ``epoch``."""
@@ -118,4 +128,5 @@ class TrainingBoard:
         model.train(was_training)
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
