@@ -4,7 +4,6 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
 
@@ -15,12 +14,14 @@ from .samplers import NodeDistributedSampler, ResumableSampler
 
 class SeededSamples(Dataset):
     """``dataset`` indexed by ``(index, seed)`` pairs (from :class:`~datasets.samplers.ResumableSampler`):
-    ``dataset[index]`` drawn with Python's, NumPy's and torch's random generators seeded by
-    ``seed``, and left as they were afterwards.
+    ``dataset[index]`` drawn with Python's and torch's (CPU) random generators seeded by ``seed``,
+    and left as they were afterwards.
 
-    A sample's augmentation is then the same whichever loader worker, or the main process, draws
-    it, and whatever that process drew before: what makes a run resumable mid-epoch, and its data
-    the same for any ``--num_workers``.
+    Those are the generators the transforms draw from (:mod:`datasets.transforms`), so a sample's
+    augmentation is the same whichever loader worker, or the main process, draws it, and whatever
+    that process drew before: what makes a run resumable mid-epoch, and its data the same for any
+    ``--num_workers``. (A transform drawing from NumPy's generator would not be: it stays seeded per
+    worker, by the loader.)
     """
 
     def __init__(self, dataset: Dataset):
@@ -31,15 +32,14 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         index, seed = key
-        python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        python_state, torch_state = random.getstate(), torch.get_rng_state()
         random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
-        torch.manual_seed(seed)
+        # the CPU generator alone: torch.manual_seed would seed every device's, 70x slower
+        torch.default_generator.manual_seed(seed)
         try:
             return self.dataset[index]
         finally:
             random.setstate(python_state)
-            np.random.set_state(numpy_state)
             torch.set_rng_state(torch_state)
 
 
