@@ -20,6 +20,7 @@ from util.misc import NestedTensor, nested_tensor_from_tensor_list
 from helpers import MULTI_SCALE, NUM_CLASSES, SMALL_MODEL, TWO_STAGE, VARIANT_FLAGS, needs_extension
 
 onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")  # the export's functions (ops/onnx.py)
 ort = pytest.importorskip("onnxruntime")
 pytestmark = needs_extension
 

@@ -1,5 +1,6 @@
 """tools/gpu_check.py where no GPU is needed: arguments, the report, and the skip messages (the GPU
 parts themselves run only on a CUDA machine, with ``make gpu-check``)."""
+import ast
 import subprocess
 import sys
 
@@ -90,3 +91,31 @@ def test_without_torchvision_the_parts_that_build_the_model_are_skipped_naming_i
             assert gpu_check.run_part(part, None, tmp_path, report, gpu=True) == "SKIP", part.name
     text = (tmp_path / "report.txt").read_text()
     assert text.count("SKIP: needs torchvision, not installed") == 4
+
+
+def _imported_at_module_level(path) -> set[str]:
+    """Top-level package names of the import statements outside functions and classes (what
+    importing, or collecting, the file needs)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_parts_need_every_package_the_tree_imports():
+    """A package imported when a module loads or a test file is collected, but missing from
+    RUNTIME, would fail the GPU machine's parts instead of skipping them, naming it."""
+    local = {path.stem for path in REPO.glob("*.py")} | {path.name for path in REPO.iterdir() if path.is_dir()}
+    local |= {path.stem for path in (REPO / "tests").glob("*.py")}
+    # Left out: the build script (setuptools comes with pip) and the ONNX functions, which only
+    # the export loads, and the export tests after pytest.importorskip("onnx").
+    optional = {REPO / "ops" / "setup.py", REPO / "ops" / "onnx.py"}
+    files = [*REPO.glob("*.py"), *(p for d in ("models", "datasets", "util", "ops", "tools", "tests")
+                                   for p in (REPO / d).rglob("*.py") if p not in optional)]
+    imported = set().union(*(_imported_at_module_level(path) for path in files))
+    third_party = imported - set(sys.stdlib_module_names) - local - {"torch"}
+    assert third_party - {"pytest"} <= set(gpu_check.RUNTIME), third_party - set(gpu_check.RUNTIME)
+    assert "matplotlib" in third_party and "tensorboard" in third_party  # the check sees test files

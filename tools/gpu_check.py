@@ -26,6 +26,7 @@ Usage::
 import argparse
 import importlib.util
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -38,9 +39,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 NO_GPU_EXIT = 3
 
-# Packages each part needs beyond torch, by import name (pip name where it differs).
-RUNTIME = ("torchvision", "scipy", "numpy", "PIL", "pycocotools")
-PIP_NAMES = {"PIL": "pillow"}
+# Import names of the pip packages whose names differ.
+IMPORT_NAMES = {"pillow": "PIL", "faster-coco-eval": "faster_coco_eval"}
+PIP_NAMES = {module: pip for pip, module in IMPORT_NAMES.items()}
+
+
+def requirements(path: Path) -> tuple[str, ...]:
+    """Import names of the packages a requirements file lists, torch left out (a GPU machine keeps
+    its own)."""
+    names = []
+    for line in path.read_text().splitlines():
+        pip = re.split(r"[=<>!~\[;\s]", line.split("#", 1)[0].strip(), maxsplit=1)[0]
+        if pip and pip.lower() != "torch":
+            names.append(IMPORT_NAMES.get(pip.lower(), pip.lower()))
+    return tuple(names)
+
+
+# What the parts need beyond torch: requirements.txt, whose every package some module of the
+# tree imports (the test files at collection).
+RUNTIME = requirements(REPO / "requirements.txt")
 
 
 @dataclass
