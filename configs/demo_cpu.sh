@@ -8,7 +8,7 @@ set -x
 EXP_DIR=exps/demo_cpu
 PY_ARGS=("$@")
 
-"${PYTHON:-python}" -u main.py \
+exec "${PYTHON:-python}" -u main.py \
     --output_dir "${EXP_DIR}" \
     --device cpu \
     --num_classes 13 \

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Deformable DETR variant 'r50_deformable_detr_plus_iterative_bbox_refinement'; extra arguments go to main.py.
 # Multi-GPU: GPUS_PER_NODE=8 ./tools/run_dist_launch.sh 8 ./configs/r50_deformable_detr_plus_iterative_bbox_refinement.sh
-# PYTHON picks the interpreter (default: python).
+# PYTHON picks the interpreter (default: python); it replaces this shell (exec), so that signals
+# reach main.py itself.
 
 set -x
 
 EXP_DIR=exps/r50_deformable_detr_plus_iterative_bbox_refinement
 PY_ARGS=("$@")
 
-"${PYTHON:-python}" -u main.py \
+exec "${PYTHON:-python}" -u main.py \
     --output_dir "${EXP_DIR}" \
     --with_box_refine \
     "${PY_ARGS[@]}"

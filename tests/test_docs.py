@@ -111,3 +111,15 @@ def test_github_anchors():
     assert github_anchor("Output directory (`--output_dir`)") == "output-directory---output_dir"
     assert github_anchor("Preemptible, elastic and multi-node runs") == "preemptible-elastic-and-multi-node-runs"
     assert github_anchor("Mixed precision (`--amp`)") == "mixed-precision---amp"
+
+
+def test_every_new_flag_is_listed_among_the_differences():
+    """docs/differences.md says that everything it does not list behaves as the original: every flag
+    of the --help group of flags the original does not have must be named there."""
+    from util.flags import get_args_parser
+
+    group = next(g for g in get_args_parser()._action_groups if g.title.startswith("added by this"))
+    flags = [action.option_strings[0] for action in group._group_actions]
+    text = (REPO / "docs" / "differences.md").read_text()
+    missing = [flag for flag in flags if not re.search(re.escape(flag) + r"\b", text)]
+    assert len(flags) > 20 and not missing
