@@ -2,7 +2,7 @@
 import contextlib
 import io
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,7 +48,7 @@ class EpochControl(Protocol):
     """Hooks of :func:`train_one_epoch` around each step (mid-epoch checkpoints, stopping)."""
 
     def requests(self) -> StepRequests:
-        """This process's requests for the coming step."""
+        """This process's requests for the step in progress (asked after its backward pass)."""
 
     def after_step(self, iteration: int, agreed: StepRequests, logger: MetricLogger) -> None:
         """Called after step ``iteration`` (counted from the epoch's start) with what the processes
@@ -162,17 +162,19 @@ def forward(model: nn.Module, samples: NestedTensor, amp: torch.dtype | None = N
 
 def train_step(model: nn.Module, criterion: nn.Module, samples: NestedTensor, targets: Targets,
                optimizer: torch.optim.Optimizer, max_norm: float, amp: torch.dtype | None = None,
-               scaler: torch.amp.GradScaler | None = None, requests: StepRequests | None = None) -> dict[str, float]:
+               scaler: torch.amp.GradScaler | None = None,
+               requests: Callable[[], StepRequests] | None = None) -> dict[str, float]:
     """Forward (see :func:`forward` for ``amp``), weighted loss, backward, gradient clipping and
     optimizer step for one batch.
 
     Returns the logged values (see :func:`_loss_scalars`) plus ``grad_norm`` (before clipping).
-    Beyond those of the model and criterion, the step synchronises with the host once: one transfer
-    of all logged values, after the backward pass and before the optimizer step, which also carries
-    the count of non-finite predictions and the processes' ``requests`` (each field replaced by
-    what the processes agreed). Non-finite predictions raise :class:`NonFinitePredictionError` and
-    a non-finite loss :class:`NonFiniteLossError` there, on every process alike, leaving the weights
-    and optimizer state unchanged.
+    ``requests`` is called after the backward pass (so that a signal that came during the step
+    counts for it), and the fields of the :class:`StepRequests` it returns are replaced by what the
+    processes agreed. Beyond those of the model and criterion, the step synchronises with the host
+    once: one transfer of all logged values, after the backward pass and before the optimizer step,
+    which also carries the count of non-finite predictions and the requests. Non-finite predictions
+    raise :class:`NonFinitePredictionError` and a non-finite loss :class:`NonFiniteLossError` there,
+    on every process alike, leaving the weights and optimizer state unchanged.
 
     With a ``scaler`` (float16), the loss is scaled for the backward pass and the gradients are
     unscaled before clipping; a step whose gradients overflow is skipped by the scaler (no error,
@@ -198,17 +200,15 @@ def train_step(model: nn.Module, criterion: nn.Module, samples: NestedTensor, ta
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
 
-    shared = [non_finite]
-    if requests is not None:
-        # new_full launches a fill on the device: no host-to-device copy, no synchronisation
-        shared += [grad_norm.new_full((), float(requests.save)), grad_norm.new_full((), float(requests.stop))]
+    asked = requests() if requests is not None else StepRequests()
+    # new_full launches a fill on the device: no host-to-device copy, no synchronisation
+    shared = [non_finite, grad_norm.new_full((), float(asked.save)), grad_norm.new_full((), float(asked.stop))]
     values, (grad_norm_value,), agreed = _loss_scalars(loss_dict, weight_dict, extra=[grad_norm], shared=shared)
     _check_predictions(agreed[0], "in a training step, stopping training", amp)
     if not math.isfinite(values["loss"]):
         raise NonFiniteLossError(f"loss is {values['loss']}, stopping training; losses averaged "
                                  f"over processes: {values}")
-    if requests is not None:
-        requests.save, requests.stop = agreed[1] > 0, agreed[2] > 0
+    asked.save, asked.stop = agreed[1] > 0, agreed[2] > 0
     if scaler is None:
         optimizer.step()
     else:
@@ -235,6 +235,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     ``controls`` are called around every step, in order (their requests combined); ``ema`` is
     updated after every step.
     """
+    agreed = StepRequests()
+
+    def ask() -> StepRequests:
+        asked = [control.requests() for control in controls]
+        agreed.save, agreed.stop = any(r.save for r in asked), any(r.stop for r in asked)
+        return agreed
+
     model.train()
     criterion.train()
     logger = MetricLogger(delimiter="  ")
@@ -246,11 +253,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     header = f"Epoch: [{epoch}]"
     for iteration, (samples, targets) in logger.log_every(data_loader, print_freq, header, device, start=start):
         samples, targets = to_device(samples, targets, device)
-        requests = None
-        if controls:
-            asked = [control.requests() for control in controls]
-            requests = StepRequests(save=any(r.save for r in asked), stop=any(r.stop for r in asked))
-        values = train_step(model, criterion, samples, targets, optimizer, max_norm, amp, scaler, requests)
+        values = train_step(model, criterion, samples, targets, optimizer, max_norm, amp, scaler, ask)
         if ema is not None:
             ema.update(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
         logger.update(**values)
@@ -258,7 +261,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             logger.update(class_error=values["class_error_unscaled"])
         logger.update(lr=optimizer.param_groups[0]["lr"])
         for control in controls:
-            control.after_step(iteration, requests, logger)
+            control.after_step(iteration, agreed, logger)
     logger.synchronize_between_processes(device)
     print_main("Averaged stats:", logger)
     return logger.global_averages()

@@ -135,7 +135,14 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     from util.logger import MetricLogger, print_main
     from util.misc import epoch_seed, seed_everything
     from util.optim import build_optimizer
-    from util.preemption import MidEpochCheckpoints, StopSignals, resume_within_epoch, rng_state
+    from util.preemption import (
+        MidEpochCheckpoints,
+        StopSignals,
+        ignore_stop_signals,
+        resume_within_epoch,
+        resumed_skip,
+        rng_state,
+    )
 
     check_args(args)
     check_device(args.device)
@@ -148,7 +155,13 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
     for dataset in (dataset_train, dataset_val):
         if dataset is not None:
             check_num_classes(dataset.coco, args.num_classes)
-    checkpoint = load_checkpoint(start.path) if start.path else None
+    try:
+        checkpoint = load_checkpoint(start.path) if start.path else None
+    except InputError as err:
+        if not start.note.startswith("--auto_resume: continuing"):
+            raise
+        raise InputValueError(f"{err}; --auto_resume took it from --output_dir: move it aside to continue from a "
+                              f"numbered checkpoint of that folder (--resume), or to start afresh") from err
     if checkpoint is not None:
         check_checkpoint_args(checkpoint, args, start.path, finetune=start.finetune)
     last_epoch = completed_epoch(checkpoint) if checkpoint is not None and not (start.finetune or args.eval) else None
@@ -156,7 +169,14 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
 
     env = init_distributed(torch.device(args.device).type, datetime.timedelta(minutes=args.dist_timeout))
     board = None
+    # A training run with an output folder holds the stop signals from here on: one that comes
+    # while it sets up (or evaluates a resumed checkpoint) stops it after its first step. Without
+    # an output folder nothing could be saved, and a signal ends the process as usual.
+    signals = StopSignals()
+    held = contextlib.ExitStack()
     try:
+        if args.output_dir and not args.eval:
+            held.enter_context(signals)
         if start.note:
             print_main(start.note)
         if last_epoch is not None and last_epoch + 1 >= args.epochs:
@@ -184,7 +204,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         loaders = build_loaders(dataset_train, dataset_val, args.batch_size, args.num_workers,
                                 distributed=env.distributed, node_local=args.cache_mode,
                                 pin_memory=device.type == "cuda", rank=env.rank, world_size=env.world_size,
-                                seed=args.seed)
+                                seed=args.seed, worker_init_fn=ignore_stop_signals)
         if loaders.train is not None and len(loaders.train) == 0:
             share = f", the share of each of {env.world_size} processes" if env.distributed else ""
             raise InputValueError(f"--batch_size {args.batch_size} is more than the {len(loaders.train_sampler)} "
@@ -219,10 +239,11 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
 
         if args.eval:
             after = ""
-            if checkpoint is not None and "epoch" in checkpoint:
-                after = f" (after epoch {checkpoint['epoch']}" + (
-                    f" and {mid_epoch_progress(checkpoint)['iteration']} iterations of the next"
-                    if mid_epoch_progress(checkpoint) else "") + ")"
+            if checkpoint is not None and mid_epoch_progress(checkpoint):
+                within = mid_epoch_progress(checkpoint)
+                after = f" (after {within['iteration']} iterations of epoch {within['epoch']})"
+            elif checkpoint is not None and "epoch" in checkpoint:
+                after = f" (after epoch {checkpoint['epoch']})"
             averaged = " (its averaged weights)" if args.ema else ""
             print_main(f"evaluating {start.path or 'the initial weights'}{averaged}{after}")
             _, coco_evaluator = run_evaluation()
@@ -276,8 +297,9 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
         iterations_per_epoch = len(loaders.train)
         if args.output_dir and args.tensorboard and env.rank == 0:
             done = 0
-            if last_epoch is not None:  # the iterations the run has done
-                done = start_epoch * iterations_per_epoch + (progress["iteration"] if progress else 0)
+            if last_epoch is not None:  # the iterations the run has done, counted as this run counts them
+                within = resumed_skip(progress, env.world_size, args.batch_size) // args.batch_size if progress else 0
+                done = start_epoch * iterations_per_epoch + within
             board = TrainingBoard(output_dir / "tensorboard", iterations_per_epoch, list(criterion.weight_dict),
                                   optimizer, args.print_freq, resume_step=done)
             # the detections of a few fixed validation images, drawn after every epoch
@@ -287,71 +309,71 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
 
         print_main("Start training")
         start_time = time.time()
-        # Without an output folder nothing could be saved: a signal ends the process as usual.
-        signals = StopSignals()
         checkpoint_path = output_dir / "checkpoint.pth"
         control = MidEpochCheckpoints(args.save_every_iters, args.save_every_minutes, signals, str(checkpoint_path),
-                                      env.rank == 0) if args.output_dir else None
-        with signals if args.output_dir else contextlib.nullcontext():
-            for epoch in range(start_epoch, args.epochs):
-                epoch_start = time.time()
-                seed_everything(epoch_seed(args.seed, env.rank, env.world_size, epoch))
-                order = epoch_order(len(dataset_train), epoch)
-                skip, meters = 0, None
-                if progress is not None and progress["epoch"] == epoch:
-                    skip, meters = resume_within_epoch(progress, order, env.rank, env.world_size, args.batch_size,
-                                                       args.seed, device)
-                loaders.train_sampler.set_epoch(epoch, skip=skip)
-                first = skip // args.batch_size
+                                      env.rank == 0, device) if args.output_dir else None
+        for epoch in range(start_epoch, args.epochs):
+            epoch_start = time.time()
+            seed_everything(epoch_seed(args.seed, env.rank, env.world_size, epoch))
+            order = epoch_order(len(dataset_train), epoch)
+            skip, meters = 0, None
+            if progress is not None and progress["epoch"] == epoch:
+                skip, meters = resume_within_epoch(progress, order, env.rank, env.world_size, args.batch_size,
+                                                   args.seed, device)
+            loaders.train_sampler.set_epoch(epoch, skip=skip)
+            first = skip // args.batch_size
 
-                def save_progress(done: int, logger: MetricLogger, epoch: int = epoch, order=order) -> None:
-                    processes = all_gather({"rng": rng_state(device), "meters": logger.state()})
-                    state = training_state(epoch - 1)
-                    state["mid_epoch"] = {"epoch": epoch, "iteration": done, "batch_size": args.batch_size,
-                                          "world_size": env.world_size, "order": order.to(torch.int32),
-                                          "processes": processes}
-                    save_on_main(state, checkpoint_path)
+            def save_progress(done: int, logger: MetricLogger, epoch: int = epoch, order=order) -> None:
+                processes = all_gather({"rng": rng_state(device), "meters": logger.state()})
+                state = training_state(epoch - 1)
+                state["mid_epoch"] = {"epoch": epoch, "iteration": done, "batch_size": args.batch_size,
+                                      "world_size": env.world_size, "order": order.to(torch.int32),
+                                      "processes": processes}
+                save_on_main(state, checkpoint_path)
 
+            if board is not None:
+                board.begin_epoch(epoch, first + len(loaders.train))
+            if control is not None:
+                control.begin_epoch(epoch, first + len(loaders.train), save_progress)
+            controls = [c for c in (board, control) if c is not None]
+            train_stats = train_one_epoch(model, criterion, loaders.train, optimizer, device, epoch,
+                                          args.clip_max_norm, args.print_freq, amp=amp, scaler=scaler,
+                                          start=first, meters=meters, controls=controls, ema=ema)
+            lr_scheduler.step()
+            # the raw weights as the original, and (or, with --ema_eval_only, only) the averaged ones
+            evaluations = {}
+            if not args.ema_eval_only:
+                evaluations["test"] = run_evaluation()
+            if ema is not None:
+                evaluations["test_ema"] = run_evaluation(ema.module)
+            tracked = "test_ema" if ema is not None else "test"
+            ap = evaluations[tracked][0]["coco_eval_bbox"][0]
+            improved = best is None or ap > best["ap"]
+            if improved:
+                best = {"epoch": epoch, "ap": ap, "weights": "averaged" if ema is not None else "model"}
+            if args.output_dir:
+                log_stats = {f"train_{k}": v for k, v in train_stats.items()}
+                for prefix, (stats, _) in evaluations.items():
+                    log_stats.update((f"{prefix}_{k}", v) for k, v in stats.items())
+                log_stats.update(epoch=epoch, n_parameters=n_parameters)
+                coco_eval = evaluations.get("test", evaluations[tracked])[1].coco_eval["bbox"].eval
                 if board is not None:
-                    board.begin_epoch(epoch, first + len(loaders.train))
-                if control is not None:
-                    control.begin_epoch(epoch, first + len(loaders.train), save_progress)
-                controls = [c for c in (board, control) if c is not None]
-                train_stats = train_one_epoch(model, criterion, loaders.train, optimizer, device, epoch,
-                                              args.clip_max_norm, args.print_freq, amp=amp, scaler=scaler,
-                                              start=first, meters=meters, controls=controls, ema=ema)
-                lr_scheduler.step()
-                # the raw weights as the original, and (or, with --ema_eval_only, only) the averaged ones
-                evaluations = {}
-                if not args.ema_eval_only:
-                    evaluations["test"] = run_evaluation()
-                if ema is not None:
-                    evaluations["test_ema"] = run_evaluation(ema.module)
-                tracked = "test_ema" if ema is not None else "test"
-                ap = evaluations[tracked][0]["coco_eval_bbox"][0]
-                improved = best is None or ap > best["ap"]
+                    # on disk before the checkpoint: a run resumed from it does not write them again
+                    board.epoch_end(epoch, {prefix: stats for prefix, (stats, _) in evaluations.items()},
+                                    time.time() - epoch_start)
+                    board.detections(epoch, ema.module if ema is not None else model_without_ddp, pictures,
+                                     class_names, device)
+                    board.flush()
+                save_epoch(output_dir, epoch, log_stats, coco_eval, training_state(epoch), lr_scheduler.step_size,
+                           best=improved)
                 if improved:
-                    best = {"epoch": epoch, "ap": ap, "weights": "averaged" if ema is not None else "model"}
-                if args.output_dir:
-                    log_stats = {f"train_{k}": v for k, v in train_stats.items()}
-                    for prefix, (stats, _) in evaluations.items():
-                        log_stats.update((f"{prefix}_{k}", v) for k, v in stats.items())
-                    log_stats.update(epoch=epoch, n_parameters=n_parameters)
-                    coco_eval = evaluations.get("test", evaluations[tracked])[1].coco_eval["bbox"].eval
-                    save_epoch(output_dir, epoch, log_stats, coco_eval, training_state(epoch), lr_scheduler.step_size,
-                               best=improved)
-                    if improved:
-                        print_main(f"best validation AP so far{' (averaged weights)' if ema is not None else ''}: "
-                                   f"{ap:.4f} after epoch {epoch}, in {output_dir / 'checkpoint_best.pth'}")
-                    if board is not None:
-                        board.epoch_end(epoch, {prefix: stats for prefix, (stats, _) in evaluations.items()},
-                                        time.time() - epoch_start)
-                        board.detections(epoch, ema.module if ema is not None else model_without_ddp, pictures,
-                                         class_names, device)
-                    if epoch + 1 < args.epochs:
-                        control.after_epoch(epoch, device)
+                    print_main(f"best validation AP so far{' (averaged weights)' if ema is not None else ''}: "
+                               f"{ap:.4f} after epoch {epoch}, in {output_dir / 'checkpoint_best.pth'}")
+                if epoch + 1 < args.epochs:
+                    control.after_epoch(epoch)
         print_main(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     finally:
+        held.close()
         if board is not None:
             board.close()
         destroy_distributed()

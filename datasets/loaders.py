@@ -1,6 +1,7 @@
 """The training and validation DataLoaders, with the original's samplers, and the per-sample
 seeding of the training augmentation."""
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +56,8 @@ class Loaders:
 
 def build_loaders(dataset_train: Dataset | None, dataset_val: Dataset, batch_size: int, num_workers: int,
                   distributed: bool = False, node_local: bool = False, pin_memory: bool = False,
-                  rank: int = 0, world_size: int = 1, seed: int = 0) -> Loaders:
+                  rank: int = 0, world_size: int = 1, seed: int = 0,
+                  worker_init_fn: Callable[[int], None] | None = None) -> Loaders:
     """DataLoaders of ``batch_size`` images per process over the two splits (the training split
     left out when None).
 
@@ -63,7 +65,7 @@ def build_loaders(dataset_train: Dataset | None, dataset_val: Dataset, batch_siz
     (``node_local``: the shares of a node's processes together cover only the images that node
     holds, for cached images); otherwise the whole splits. Training goes in the order of the
     original's distributed sampler (:class:`~datasets.samplers.ResumableSampler`, its sample
-    seeds from ``seed``), validation in order.
+    seeds from ``seed``), validation in order. ``worker_init_fn`` runs first in every loader worker.
     """
     train, sampler_train = None, None
     if dataset_train is not None:
@@ -76,11 +78,11 @@ def build_loaders(dataset_train: Dataset | None, dataset_val: Dataset, batch_siz
         # that dropout draws from (and the samples are seeded anyway)
         train = DataLoader(SeededSamples(dataset_train), batch_sampler=BatchSampler(sampler_train, batch_size, True),
                            collate_fn=collate_fn, num_workers=num_workers, pin_memory=pin_memory,
-                           generator=torch.Generator())
+                           generator=torch.Generator(), worker_init_fn=worker_init_fn)
     if distributed:
         sampler_val = (NodeDistributedSampler if node_local else DistributedSampler)(dataset_val, shuffle=False)
     else:
         sampler_val = SequentialSampler(dataset_val)
     val = DataLoader(dataset_val, batch_size, sampler=sampler_val, drop_last=False, collate_fn=collate_fn,
-                     num_workers=num_workers, pin_memory=pin_memory)
+                     num_workers=num_workers, pin_memory=pin_memory, worker_init_fn=worker_init_fn)
     return Loaders(train=train, val=val, train_sampler=sampler_train)

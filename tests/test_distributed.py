@@ -106,7 +106,8 @@ def test_run_dist_launch_runs_the_command_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert record.read_text().splitlines() == [
         "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1",
-        "--master_port", "29500", "--nproc_per_node", "8", "--max_restarts", "0", "--no-python",
+        "--master_port", "29500", "--nproc_per_node", "8", "--max_restarts", "0",
+        "--signals_to_handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--no-python",
         "./configs/r50_deformable_detr.sh", "--x", "a b"]
     proc = _run_script(["tools/run_dist_launch.sh", "2", "python", "main.py"], PYTHON=str(python), MAX_RESTARTS="3")
     assert proc.returncode == 0 and record.read_text().splitlines()[12:14] == ["--max_restarts", "3"]

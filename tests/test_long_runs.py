@@ -16,6 +16,7 @@ import torch
 from datasets.samplers import epoch_order
 from tools.make_tiny_coco import make_tiny_coco
 from util.checkpoint import load_checkpoint
+from util.preemption import resumed_skip
 
 from helpers import REPO, SMALL_MODEL, free_port, subprocess_env
 
@@ -138,10 +139,11 @@ def test_killed_between_save_points_and_resumed_ends_with_the_same_weights(data,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("processes, signum", [(1, signal.SIGUSR1), (2, signal.SIGTERM)])
+@pytest.mark.parametrize("processes, signum", [(1, signal.SIGUSR1), (2, signal.SIGTERM), (2, signal.SIGUSR1)])
 def test_a_preemption_signal_saves_and_stops_and_auto_resume_finishes_the_same(data, references, tmp_path,
                                                                                  processes, signum):
-    """Slurm's SIGUSR1 to the process itself; SIGTERM to torchrun, which passes it to its workers."""
+    """Slurm's SIGUSR1 to the process itself; SIGTERM or SIGUSR1 to torchrun, which passes it to
+    its workers and waits for them (without being told to, torchrun dies of SIGUSR1 at once)."""
     run, log = tmp_path / "run", tmp_path / "log"
     proc = launch(argv(data, run), log, processes)
     iterations = TRAIN_IMAGES // processes
@@ -154,8 +156,25 @@ def test_a_preemption_signal_saves_and_stops_and_auto_resume_finishes_the_same(d
     assert stopped, text[-3000:]
     assert saved["mid_epoch"]["iteration"] == int(stopped.group(1)) and saved["epoch"] == -1
     assert text.count("stopped by") == 1  # from the main process only
+    if processes == 2:
+        assert not children(proc.pid)  # torchrun ended after its workers
     finish(launch(argv(data, run, "--auto_resume"), tmp_path / "log2", processes), tmp_path / "log2")
     assert_same_run(references[processes], run)
+
+
+@pytest.mark.slow
+def test_loader_workers_leave_a_signal_to_the_process_group_to_the_training_process(data, tmp_path):
+    """Slurm signals every process of a task: the loader workers neither stop nor report it."""
+    run, log = tmp_path / "run", tmp_path / "log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-u", "main.py", *argv(data, run, "--num_workers", "2")], cwd=REPO,
+                                env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(log, r"^Epoch: \[0\]  \[2/8\]", proc)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    text = finish(proc, log, expected=128 + signal.SIGUSR1)
+    assert text.count("received SIGUSR1") == 1 and text.count("stopped by SIGUSR1") == 1, text[-3000:]
+    assert "Traceback" not in text
+    assert load_checkpoint(run / "checkpoint.pth")["mid_epoch"]["epoch"] == 0
 
 
 @pytest.mark.slow
@@ -183,13 +202,81 @@ def test_two_nodes_of_one_process_train_like_one_node_of_two(data, references, t
     assert_same_run(references[2], run)
 
 
-def start_rank(data: Path, out: Path, rank: int, port: int, log: Path, *extra: str) -> subprocess.Popen:
+def start_rank(data: Path, out: Path, rank: int, port: int, log: Path, *extra: str, **env: str) -> subprocess.Popen:
     """One process of a two-process job without a launcher that supervises it (as srun starts them)."""
     env = {"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
+           "MASTER_PORT": str(port), **env}
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "-u", "main.py", *argv(data, out, *extra)], cwd=REPO,
                                 env=subprocess_env(**env), stdout=f, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_no_process_exits_on_a_signal_before_the_checkpoint_is_written(data, tmp_path):
+    """srun --kill-on-bad-exit (tools/submit_slurm.sh) kills a job's processes as soon as one of
+    them exits: on a stop signal, process 1 must not exit before process 0 has written the
+    checkpoint, here made slow (3 s) with a stand-in for os.replace."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "_replace = os.replace\n"
+        "def _slow(src, dst, *args, **kwargs):\n"
+        "    if str(dst).endswith('checkpoint.pth'):\n"
+        "        time.sleep(3)\n"
+        "    return _replace(src, dst, *args, **kwargs)\n"
+        "os.replace = _slow\n")
+    port = free_port()
+    logs = [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
+    run = tmp_path / "run"
+    ranks = [start_rank(data, run, rank, port, logs[rank], PYTHONPATH=f"{shim}{os.pathsep}{REPO}") for rank in (0, 1)]
+    wait_for(logs[0], r"^Epoch: \[0\]  \[1/4\]", ranks[0])
+    for proc in ranks:
+        proc.send_signal(signal.SIGUSR1)
+    deadline = time.time() + 120
+    while all(proc.poll() is None for proc in ranks) and time.time() < deadline:
+        time.sleep(0.01)
+    for proc in ranks:  # what kill-on-bad-exit does to the others
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    # process 0 may be killed as it exits, but not before the checkpoint is whole
+    assert ranks[1].returncode == 138, logs[1].read_text()[-2000:]
+    assert "stopped by SIGUSR1" in logs[0].read_text()
+    saved = load_checkpoint(run / "checkpoint.pth")
+    assert saved["mid_epoch"]["epoch"] == 0 and saved["mid_epoch"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_one_process_continues_the_last_iteration_of_two_with_uneven_shares(tmp_path):
+    """9 images in two processes: the sampler repeats one to even out the shares. Killed during
+    the evaluation after a checkpoint of the epoch's last iteration, the run continues in one
+    process with nothing of the epoch left to train (the repeated image counts as trained on)."""
+    data = make_tiny_coco(tmp_path / "coco", num_train=9, num_val=2, seed=1)
+    port = free_port()
+    logs = [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
+    run = tmp_path / "run"
+    ranks = [start_rank(data, run, rank, port, logs[rank], "--save_every_iters", "100") for rank in (0, 1)]
+    wait_for(logs[0], r"^Test:", ranks[0])
+    for proc in ranks:
+        proc.kill()
+        proc.wait()
+    assert load_checkpoint(run / "checkpoint.pth")["mid_epoch"]["iteration"] == 5
+    resumed = subprocess.run([sys.executable, "-u", "main.py", *argv(data, run, "--auto_resume")], cwd=REPO,
+                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "continuing epoch 0, each process leaving out the first 9 samples of its share" in resumed.stdout
+    assert [json.loads(line)["epoch"] for line in (run / "log.txt").read_text().splitlines()] == [0, 1]
+
+
+def test_the_samples_a_resumed_epoch_leaves_out():
+    """Counted in the epoch's order whatever the number of processes, at most the whole order."""
+    progress = {"epoch": 1, "iteration": 5, "batch_size": 1, "world_size": 2, "order": epoch_order(9, 1)}
+    assert resumed_skip(progress, 2, 1) == 5  # the same processes and batch: iterations x batch
+    assert resumed_skip(progress, 1, 1) == 9  # 10 places dealt, of 9 images
+    assert resumed_skip(progress, 3, 1) == 3
+    assert resumed_skip({**progress, "iteration": 2}, 1, 2) == 4
+    assert resumed_skip({**progress, "iteration": 3, "batch_size": 2}, 4, 1) == 2  # 6 of 9, in 4 shares
 
 
 @pytest.mark.slow

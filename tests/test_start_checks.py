@@ -37,6 +37,18 @@ def two_epochs(tiny_coco_root, tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------
 # --auto_resume continues the output folder first
 
+def test_auto_resume_of_an_unreadable_checkpoint_says_what_to_do(tiny_coco_root, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pth").write_bytes(b"not a checkpoint")
+    before = snapshot(out)
+    proc = run_main(train_argv(tiny_coco_root, out, "--epochs", "1", "--auto_resume"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: {out / 'checkpoint.pth'} is not a readable checkpoint")
+    assert "--auto_resume took it from --output_dir: move it aside" in proc.stderr
+    assert snapshot(out) == before
+
+
 @pytest.mark.slow
 def test_auto_resume_prefers_the_output_folders_checkpoint_over_resume_and_finetune(two_epochs, tiny_coco_root,
                                                                                      tmp_path):

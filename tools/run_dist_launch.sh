@@ -11,6 +11,8 @@
 # MASTER_PORT (29500), NODE_RANK (0); for several nodes run this on each with its NODE_RANK.
 # MAX_RESTARTS (0): how many times torchrun starts the whole group again after a process fails;
 # with main.py's --auto_resume each restart continues from the last checkpoint.
+# SIGTERM or SIGUSR1 to torchrun is passed on to the processes (which save and stop), and torchrun
+# waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (default 30) for them before it kills them.
 # PYTHON names the interpreter that runs torchrun (default: python).
 set -euo pipefail
 set -x
@@ -42,5 +44,6 @@ exec "${PYTHON:-python}" -m torch.distributed.run \
     --master_port "${MASTER_PORT}" \
     --nproc_per_node "${GPUS_PER_NODE}" \
     --max_restarts "${MAX_RESTARTS:-0}" \
+    --signals_to_handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
     --no-python \
     "$@"

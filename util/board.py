@@ -127,6 +127,11 @@ class TrainingBoard:
             self.writer.add_image(f"detections/{image_id}", drawn, step, dataformats="HWC")
         model.train(was_training)
 
+    def flush(self) -> None:
+        """Write the events so far to disk."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

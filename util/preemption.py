@@ -43,8 +43,8 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
-            print_main(f"received {signal.Signals(signum).name}: stopping after the current training step",
-                       flush=True)
+            print_main(f"received {signal.Signals(signum).name}: stopping after the training step in progress "
+                       f"(or the next one)", flush=True)
 
     def __enter__(self) -> "StopSignals":
         self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
@@ -94,12 +94,14 @@ class MidEpochCheckpoints:
     evaluation resumes there); and after a step at which any process had received one of the
     :data:`STOP_SIGNALS`, which then ends training with :class:`TrainingStopped`. The processes
     agree on the time and the signals at the step's reduction (:class:`~engine.StepRequests`), so
-    that they all save and stop after the same step. ``path`` is the checkpoint's, for messages.
+    that they all save and stop after the same step. ``path`` is the checkpoint's, for messages;
+    ``device`` that of the processes' collectives.
     """
 
     def __init__(self, every_iters: int, every_minutes: float, signals: StopSignals, path: str,
-                 main_process: bool):
+                 main_process: bool, device: torch.device):
         self.every_iters = every_iters
+        self.device = device
         self.every_minutes = every_minutes
         self.signals = signals
         self.path = path
@@ -130,13 +132,38 @@ class MidEpochCheckpoints:
             self.save(done, logger)
             self.last_save = time.monotonic()
         if agreed.stop:
+            # No process exits before the main one has written the checkpoint: a launcher that
+            # ends a job when one of its processes exits (srun --kill-on-bad-exit) would cut it short.
+            any_process(False, self.device)
             raise self._stopped(f"after iteration {done} of {self.iterations} of epoch {self.epoch}")
 
-    def after_epoch(self, epoch: int, device: torch.device) -> None:
+    def after_epoch(self, epoch: int) -> None:
         """Stop (all processes alike) if a signal came during the epoch's evaluation, now that its
         checkpoint is written."""
-        if any_process(self.signals.received is not None, device):
+        if any_process(self.signals.received is not None, self.device):
             raise self._stopped(f"after epoch {epoch}")
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A data loader's ``worker_init_fn``: its workers leave :data:`STOP_SIGNALS` to the training
+    process (a signal sent to the whole process group, as Slurm sends it, reaches them too), which
+    stops the loader itself."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def resumed_skip(progress: dict[str, Any], world_size: int, batch_size: int) -> int:
+    """How many samples of its share each process leaves out to continue the epoch of a mid-epoch
+    checkpoint's ``progress`` with ``world_size`` processes of ``batch_size``: those trained on,
+    counted in the epoch's order and divided among the processes (with the checkpoint's own
+    processes and batch size, its iterations times the batch size)."""
+    iteration = progress["iteration"]
+    if progress["world_size"] == world_size and progress["batch_size"] == batch_size:
+        return iteration * batch_size
+    # at most the whole order: the samples the sampler repeats to even out the processes' shares
+    # count as trained on
+    done = min(iteration * progress["batch_size"] * progress["world_size"], len(progress["order"]))
+    return done // world_size
 
 
 def resume_within_epoch(progress: dict[str, Any], order: torch.Tensor, rank: int, world_size: int, batch_size: int,
@@ -158,13 +185,17 @@ def resume_within_epoch(progress: dict[str, Any], order: torch.Tensor, rank: int
                    f"({len(progress['order'])} images then, {len(order)} now): the rest of epoch {epoch} follows "
                    f"the new order")
     processes = progress["processes"]
+    skip = resumed_skip(progress, world_size, batch_size)
     if progress["world_size"] == world_size and progress["batch_size"] == batch_size:
         restore_rng_state(processes[rank]["rng"], device)
-        return iteration * batch_size, processes[rank]["meters"]
-    done = iteration * progress["batch_size"] * progress["world_size"]
-    print_main(f"note: the checkpoint was written by {progress['world_size']} processes of batch "
-               f"{progress['batch_size']}, this run has {world_size} of batch {batch_size}: continuing epoch {epoch} "
-               f"after the {done} samples already trained on, with fresh random draws")
+        return skip, processes[rank]["meters"]
+
+    def processes_of(count: int, batch: int) -> str:
+        return f"{count} process{'es' if count > 1 else ''} of batch {batch}"
+
+    print_main(f"note: the checkpoint was written by {processes_of(progress['world_size'], progress['batch_size'])}, "
+               f"this run has {processes_of(world_size, batch_size)}: continuing epoch {epoch}, each process leaving "
+               f"out the first {skip} samples of its share (trained on), with fresh random draws")
     seed_everything(epoch_seed(seed, rank, world_size, epoch) + 104729 * iteration)
     meters = None
     if rank == 0:  # the sums of all, and the main process's recent values
@@ -173,4 +204,4 @@ def resume_within_epoch(progress: dict[str, Any], order: torch.Tensor, rank: int
             for name, (count, total, _) in process["meters"].items():
                 previous = meters.get(name, (0, 0.0, processes[0]["meters"].get(name, (0, 0.0, []))[2]))
                 meters[name] = (previous[0] + count, previous[1] + total, previous[2])
-    return done // world_size, meters
+    return skip, meters
