@@ -9,13 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from util.errors import InputError, InputValueError, ParameterError
-from util.flags import check_checkpoint_args, check_flag_bounds, cli_parser
-
-# Library parameters whose command-line flag has another name.
-FLAG_OF_PARAMETER = {"weights": "backbone_weights", "norm": "backbone_norm", "base_width": "backbone_width",
-                     "train_stem": "train_backbone_stem", "d_model": "hidden_dim", "nhead": "nheads",
-                     "two_stage_num_proposals": "num_queries"}
+from util.errors import InputError, InputValueError
+from util.flags import check_checkpoint_args, check_model_flags, cli_parser, error_message
 
 
 def _check_output_dir(output_dir: str) -> None:
@@ -30,23 +25,15 @@ def _check_output_dir(output_dir: str) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse flag values and combinations that cannot work, naming the flags, before any work."""
-    check_flag_bounds(args)
+    check_model_flags(args)
     if args.crop_size[0] > args.crop_size[1]:
         raise InputValueError(f"--crop_size MIN MAX needs MIN <= MAX, got {args.crop_size}")
-    if args.hidden_dim % args.nheads:
-        raise InputValueError(f"--hidden_dim {args.hidden_dim} must be divisible by --nheads {args.nheads}")
-    if args.hidden_dim % 32:
-        raise InputValueError(f"--hidden_dim {args.hidden_dim} must be a multiple of 32 (the input projections' "
-                              f"GroupNorm has 32 groups)")
-    if args.num_feature_levels == 2:
-        raise InputValueError("--num_feature_levels must be 1 (the last backbone stage) or at least 3 (its last "
-                              "three stages, plus extra levels), got 2")
     if args.set_cost_class == args.set_cost_bbox == args.set_cost_giou == 0:
         raise InputValueError("--set_cost_class, --set_cost_bbox and --set_cost_giou are all 0: the matching "
                               "needs at least one cost")
-    if args.two_stage and not args.with_box_refine:
-        raise InputValueError("--two_stage needs --with_box_refine (the original's two-stage variant is "
-                              "'++ two-stage': refinement plus two-stage)")
+    if args.start_epoch >= args.epochs and not (args.eval or args.resume or args.auto_resume):
+        raise InputValueError(f"--start_epoch {args.start_epoch} is not below --epochs {args.epochs}: nothing to "
+                              f"train")
     if args.resume and args.finetune:
         raise InputValueError("--resume and --finetune exclude each other: --resume continues a run, "
                               "--finetune starts a new one from a checkpoint's weights")
@@ -179,6 +166,9 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
             held.enter_context(signals)
         if start.note:
             print_main(start.note)
+        if checkpoint is not None and not isinstance(checkpoint.get("args"), argparse.Namespace):
+            print_main(f"warning: {start.path} records no training arguments ('args'): the model is built from these "
+                       f"flags, which only its weights' names and shapes check (--dilation, for one, changes none)")
         if last_epoch is not None and last_epoch + 1 >= args.epochs:
             print_main(f"{start.path} completed epoch {last_epoch}, the last of --epochs {args.epochs}: "
                        f"nothing left to train")
@@ -381,9 +371,7 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
 
 def _message(err: Exception) -> str:
     """The error's message, naming flags rather than library parameters."""
-    if isinstance(err, ParameterError):
-        return err.as_flag(FLAG_OF_PARAMETER.get(err.param))
-    text = str(err)
+    text = error_message(err)
     if "Original Traceback" in text:
         # Re-raised from a DataLoader worker with the worker's traceback: its last line is the error.
         text = text.strip().splitlines()[-1].split(": ", 1)[-1]

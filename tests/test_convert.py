@@ -372,6 +372,19 @@ def test_decoder_box_heads_that_differ_need_a_choice(variant_config, tmp_path, c
     assert_same_detections(ours, theirs, batch())
 
 
+def test_a_checkpoint_converted_over_another_does_not_keep_its_class_names(tmp_path, capsys):
+    named = perturbed_hf_model(**{**TINY_HF, "id2label": {i: f"thing{i}" for i in range(5)}})
+    named.save_pretrained(tmp_path / "named")
+    perturbed_hf_model(**TINY_HF).save_pretrained(tmp_path / "unnamed")
+    assert convert_checkpoint.main(["--from_hf", str(tmp_path / "named"), "--out", str(tmp_path / "c.pth")]) == 0
+    assert (tmp_path / "c.names.json").is_file()
+    capsys.readouterr()
+    assert convert_checkpoint.main(["--from_hf", str(tmp_path / "unnamed"), "--out", str(tmp_path / "c.pth")]) == 0
+    assert not (tmp_path / "c.names.json").exists()
+    assert (f"removed {tmp_path / 'c.names.json'}, the class names of the checkpoint replaced: this one has none"
+            in capsys.readouterr().out)
+
+
 def test_training_settings_and_class_names_round_trip(tmp_path, capsys):
     recipe = ["--set_cost_class", "3", "--set_cost_bbox", "4.5", "--set_cost_giou", "1", "--bbox_loss_coef", "6",
               "--giou_loss_coef", "3", "--focal_alpha", "0.3", "--no_aux_loss", "--dropout", "0.2"]

@@ -398,6 +398,19 @@ def test_infer_reports_bad_input_in_one_line(checkpoints, tmp_path, capsys):
     assert capsys.readouterr().err == f"error: no image or folder at {tmp_path / 'missing.jpg'}\n"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--draw_scale", "nan"], "--draw_scale must be a positive number, got nan"),
+    (["--draw_scale", "0"], "--draw_scale must be a positive number, got 0.0"),
+    (["--threshold", "nan"], "--threshold must be a number, got nan"),
+])
+def test_infer_refuses_values_that_cannot_work(checkpoints, wide_image, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        infer.main(["--resume", str(checkpoints[MULTI_SCALE]), str(wide_image), "--out_dir", str(tmp_path / "o"),
+                    *flags])
+    assert exit_.value.code == 2 and capsys.readouterr().err.rstrip().endswith(f"error: {message}")
+    assert not (tmp_path / "o").exists()
+
+
 def test_infer_says_when_no_detection_passes_for_sampling_points(checkpoints, wide_image, tmp_path, capsys):
     argv = ["--resume", str(checkpoints[MULTI_SCALE]), str(wide_image), "--threshold", "1.0",
             "--show_sampling_points", "--out_dir", str(tmp_path)]

@@ -192,9 +192,21 @@ def test_a_failed_write_leaves_the_previous_file_or_none(tmp_path):
     assert out.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
-def test_export_refuses_a_bad_opset(tmp_path, capsys):
-    assert export_onnx.main(MODEL + ["--random_weights", "--out", str(tmp_path / "m.onnx"), "--opset", "13"]) == 2
-    assert capsys.readouterr().err == "error: --opset 13: GridSample needs opset 16 or later\n"
+@pytest.mark.parametrize("flags, message", [
+    (["--opset", "17"], "--opset 17: the exporter writes opsets 18 to "),
+    (["--opset", "999"], "--opset 999: the exporter writes opsets 18 to "),
+    (["--hidden_dim", "-4"], "--hidden_dim -4 must be at least 1"),
+    (["--dropout", "nan"], "--dropout nan must be finite and at least 0 and below 1"),
+    (["--num_feature_levels", "2"], "--num_feature_levels must be 1 (the last backbone stage) or at least 3"),
+    (["--backbone", "resnet18", "--dilation"], "--dilation (DC5) needs a bottleneck ResNet"),
+    (["--image_size", "0", "0"], "--image_size 0 0 must be positive"),
+    (["--dynamic", "--image_size", "64", "96"], "--dynamic --image_size 64 96: trace at more than 64 pixels a side"),
+])
+def test_export_refuses_bad_flags_in_one_line(tmp_path, capsys, flags, message):
+    """main.py's checks of the model's flags, and the export's own, before anything is written."""
+    assert export_onnx.main(MODEL + ["--random_weights", "--out", str(tmp_path / "m.onnx"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
     assert not any(tmp_path.iterdir())
 
 
@@ -272,10 +284,10 @@ def test_benchmark_times_the_exported_graph_of_its_own_flags_only(static_graph, 
     assert benchmark.main(flags) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("batch 1:")]
     assert [r[11] for r in rows] == ["auto", "onnxruntime"] and float(rows[1][2]) > 0
-    assert benchmark.main(flags + ["--num_queries", "20", "--two_stage"]) == 2
+    assert benchmark.main(flags + ["--num_queries", "20", "--with_box_refine"]) == 2
     assert capsys.readouterr().err == (
-        f"error: --onnx {static_graph.path} was exported from another model than these flags build: --two_stage "
-        f"(file: False, here: True), --num_queries (file: 10, here: 20)\n")
+        f"error: --onnx {static_graph.path} was exported from another model than these flags build: "
+        f"--with_box_refine (file: False, here: True), --num_queries (file: 10, here: 20)\n")
 
 
 def test_postprocessing_static_graph_and_tensorrt_plugin_form(tmp_path, capsys):
@@ -309,3 +321,43 @@ def test_postprocessing_static_graph_and_tensorrt_plugin_form(tmp_path, capsys):
     # one per encoder layer and per decoder layer (SMALL_MODEL: 1 + 2), and no GridSample left
     assert len(nodes) == 3 and all(n.domain == "trt.plugins" and len(n.input) == 5 for n in nodes)
     assert not any(n.op_type == "GridSample" for n in onnx.load(str(plugin)).graph.node)
+
+
+def test_infer_reports_a_failure_of_onnx_runtime_in_one_line(tmp_path, capsys):
+    """A graph that ONNX Runtime loads but cannot run on an image (here one that reshapes its input
+    to a fixed size) ends in one error line naming the file and the image's size."""
+    from onnx import TensorProto, helper
+
+    from tools import infer
+
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [1, 3, 4096])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["images", "shape"], ["pred_logits"]),
+         helper.make_node("Identity", ["pred_logits"], ["pred_boxes"])], "fixed",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, "h", "w"]),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, [1, "h", "w"])],
+        [helper.make_tensor_value_info("pred_logits", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("pred_boxes", TensorProto.FLOAT, None)], [shape])
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (48, 32)).save(image)
+    assert infer.main(["--onnx", str(path), str(image), "--val_scale", "32", "--out_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --onnx {path} failed on an image of 32x48: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("tool, flags, message", [
+    ("benchmark", ["--num_queries", "0"], "--num_queries 0 must be at least 1"),
+    ("benchmark", ["--image_size", "0", "96"], "--image_size 0 96 must be positive"),
+    ("benchmark_train", ["--dropout", "2"], "--dropout 2.0 must be at least 0 and below 1"),
+    ("benchmark_train", ["--hidden_dim", "48"], "--hidden_dim 48 must be a multiple of 32"),
+])
+def test_the_benchmarks_check_main_py_flags_as_main_py_does(capsys, tool, flags, message):
+    import importlib
+
+    module = importlib.import_module(f"tools.{tool}")
+    size = ["--image_size", "64", "96"] if "--image_size" not in flags else []
+    assert module.main(MODEL + ["--device", "cpu", *size, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err

@@ -88,6 +88,10 @@ def test_auto_resume_without_a_checkpoint_yet_starts_from_resume(two_epochs, tin
     (["--lr_backbone", "0"], ["optimizer's parameter groups hold", "--lr_backbone (checkpoint: 2e-05, here: 0.0; 0 "
                                                                     "freezes the backbone)"]),
     (["--train_backbone_stem"], ["--train_backbone_stem (checkpoint: False, here: True)"]),
+    # groups of the same sizes, but other parameters in them
+    (["--lr_linear_proj_names", "reference_points", "attention_weights"],
+     ["optimizer's parameter groups hold other parameters than these flags give them (--lr_linear_proj_names "
+      "(checkpoint: ['reference_points', 'sampling_offsets'], here: ['reference_points', 'attention_weights']))"]),
 ])
 def test_resume_with_other_optimizer_flags_stops_before_anything_runs(two_epochs, tiny_coco_root, tmp_path, flags,
                                                                       fragments):

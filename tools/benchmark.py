@@ -51,7 +51,13 @@ from models import build_model  # noqa: E402
 from ops import BACKEND_ENV, sampling_backend  # noqa: E402
 from util.checkpoint import checkpoint_weights, load_checkpoint, load_weights  # noqa: E402
 from util.errors import InputError, InputValueError  # noqa: E402
-from util.flags import architecture_differences, check_checkpoint_args, cli_parser  # noqa: E402
+from util.flags import (  # noqa: E402
+    architecture_differences,
+    check_checkpoint_args,
+    check_model_flags,
+    cli_parser,
+    error_message,
+)
 from util.logger import format_costs, top_costs  # noqa: E402
 from util.misc import NestedTensor, nested_tensor_from_tensor_list  # noqa: E402
 
@@ -90,6 +96,9 @@ def benchmark(args: argparse.Namespace) -> tuple[dict[Config, float], dict[Confi
     if args.num_iters < 1 or args.warmup < 0 or args.rounds < 1:
         raise InputValueError(f"need --num_iters >= 1, --warmup >= 0 and --rounds >= 1, got {args.num_iters}, "
                               f"{args.warmup} and {args.rounds}")
+    check_model_flags(args)
+    if args.image_size and min(args.image_size) < 1:
+        raise InputValueError(f"--image_size {' '.join(map(str, args.image_size))} must be positive")
     if any(b < 1 for b in args.batch_sizes):
         raise InputValueError(f"--batch_sizes must be positive, got {args.batch_sizes}")
     device = torch.device(args.device)
@@ -209,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results, costs, notes = benchmark(args)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return 2
     variant = "two-stage" if args.two_stage else "box refinement" if args.with_box_refine else "plain"
     height, width = args.image_size or (GPU_IMAGE_SIZE if args.device.startswith("cuda") else CPU_IMAGE_SIZE)

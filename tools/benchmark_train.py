@@ -44,8 +44,8 @@ from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from engine import AMP_DTYPES, to_device, train_step  # noqa: E402
 from models import build_model  # noqa: E402
 from ops import BACKEND_ENV, sampling_backend  # noqa: E402
-from util.errors import InputValueError  # noqa: E402
-from util.flags import cli_parser  # noqa: E402
+from util.errors import InputError, InputValueError  # noqa: E402
+from util.flags import check_model_flags, cli_parser, error_message  # noqa: E402
 from util.logger import format_costs, peak_memory_mb, reset_peak_memory, top_costs  # noqa: E402
 from util.misc import NestedTensor, nested_tensor_from_tensor_list, seed_everything  # noqa: E402
 from util.optim import build_optimizer  # noqa: E402
@@ -76,6 +76,7 @@ def benchmark(args: argparse.Namespace) -> tuple[dict[Config, dict[str, float]],
     """Per configuration: medians over the rounds of ``sec_per_iter`` and ``data_sec_per_iter``,
     ``images_per_sec`` and the largest ``peak_mem_mb``; and with ``--profile`` its top five
     operators (see the module docstring)."""
+    check_model_flags(args)
     if args.num_iters < 1 or args.warmup < 0 or args.rounds < 1:
         raise InputValueError(f"need --num_iters >= 1, --warmup >= 0 and --rounds >= 1, got {args.num_iters}, "
                               f"{args.warmup} and {args.rounds}")
@@ -162,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         results, costs = benchmark(args)
-    except InputValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except InputError as err:
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return 2
     memory = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS"
     data = (f"one fixed batch of random {args.image_size[0]}x{args.image_size[1]} images" if args.image_size

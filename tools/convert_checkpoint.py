@@ -571,8 +571,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 save_on_main(checkpoint, args.out)
+                stale = not names and names_path(args.out).is_file()
                 if names:
                     names_path(args.out).write_text(json.dumps(names, indent=1) + "\n")
+                elif stale:  # the names of the checkpoint just replaced would be taken for this one's
+                    names_path(args.out).unlink()
             except OSError as err:
                 raise InputValueError(f"cannot write {err.filename or args.out}: {err.strerror or err}") from None
             command = " ".join([f"./{flags[0]}", *flags[1:], "--resume", str(args.out), "--eval", "--coco_path",
@@ -585,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
             if names:
                 print(f"wrote its class names to {names_path(args.out)}: tools/infer.py --class_names "
                       f"{names_path(args.out)}")
+            elif stale:
+                print(f"removed {names_path(args.out)}, the class names of the checkpoint replaced: this one has none")
         else:
             from safetensors.torch import save_file
 

@@ -49,11 +49,20 @@ from ops import _extension  # noqa: E402
 from tools.infer import class_names_from, sidecar_names  # noqa: E402
 from util.checkpoint import checkpoint_weights, load_checkpoint, load_weights  # noqa: E402
 from util.errors import InputError, InputValueError  # noqa: E402
-from util.flags import ARCHITECTURE_FLAGS, check_checkpoint_args, cli_parser, get_args_parser  # noqa: E402
+from util.flags import (  # noqa: E402
+    ARCHITECTURE_FLAGS,
+    check_checkpoint_args,
+    check_model_flags,
+    cli_parser,
+    error_message,
+    get_args_parser,
+)
 from util.misc import NestedTensor  # noqa: E402
 
 IMAGE_INPUTS = ["images", "mask"]
 RAW_OUTPUTS = ["pred_logits", "pred_boxes"]
+# The dynamo exporter's own opset; GridSample needs 16, and older opsets are not written.
+MIN_OPSET = 18
 POSTPROCESSED_OUTPUTS = ["scores", "labels", "boxes"]
 # Saved training arguments that describe the training run, not the model: never taken over.
 # Flags of the run that wrote a checkpoint, not of the model it holds: --ema says which weights to take here.
@@ -121,8 +130,21 @@ def export(args: argparse.Namespace, weights: Mapping[str, Tensor] | None) -> to
     reason = _extension.unavailable_reason("cpu")
     if reason is not None:
         raise InputValueError(f"export traces the compiled op, but {reason}")
-    if args.opset < 16:
-        raise InputValueError(f"--opset {args.opset}: GridSample needs opset 16 or later")
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= args.opset <= newest:
+        raise InputValueError(f"--opset {args.opset}: the exporter writes opsets {MIN_OPSET} to {newest} (the "
+                              f"installed onnx's newest)")
+    if min(args.image_size) < 1:
+        raise InputValueError(f"--image_size {' '.join(map(str, args.image_size))} must be positive")
+    # torch.export fixes a dimension of size 1 into the graph, so a dynamic graph traced where the
+    # smallest feature map is one pixel high or wide would take that size only.
+    stride = (16 if args.dilation else 32) * 2 ** max(args.num_feature_levels - 3, 0)
+    if args.dynamic and min(args.image_size) <= stride:
+        raise InputValueError(f"--dynamic --image_size {' '.join(map(str, args.image_size))}: trace at more than "
+                              f"{stride} pixels a side (the smallest feature map's stride), so that its size is not "
+                              f"fixed to 1")
     from ops.onnx import DECOMPOSED, TENSORRT_PLUGIN
 
     args.device = "cpu"
@@ -178,7 +200,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument("--random_weights", action="store_true",
                         help="export the flags' model with random weights (no --resume), e.g. to measure speed")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset (16 or later, for GridSample)")
+    parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset ({MIN_OPSET} or later)")
     parser.add_argument("--dynamic", action="store_true", help="dynamic batch size, height and width")
     parser.add_argument("--with_postprocess", action="store_true",
                         help="end in the top-100 scores, labels and boxes in pixels of orig_sizes")
@@ -203,12 +225,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args, weights = resolve_args(parser, argv)
         if args.out.is_dir():
             raise InputValueError(f"--out {args.out} is a folder; name the .onnx file to write")
+        check_model_flags(args)
         names = class_names_from(None, args.class_names) if args.class_names else sidecar_names(args.resume)
         program = export(args, weights)
+        written = program.model.opset_imports.get("")
+        if written != args.opset:
+            raise InputValueError(f"--opset {args.opset}: the exporter could not convert the graph, and wrote opset "
+                                  f"{written}; pass another")
         program.model.metadata_props.update(metadata(args, names))
         save(program, args.out)
     except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_message(err)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}")
     return 0

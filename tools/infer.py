@@ -46,6 +46,7 @@ original-image pixels as ``location * resized size / resize scale``.
 import argparse
 import inspect
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -189,8 +190,10 @@ class OnnxDetector:
 
         if not Path(path).is_file():
             raise InputFileNotFoundError(f"--onnx {path}: no such file")
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 4  # its errors reach the user as this tool's one line, not in its own log
         try:
-            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own error types for files it cannot take
             raise InputValueError(f"--onnx {path} is not an ONNX model ONNX Runtime can run: {err}") from None
         self.path = path
@@ -228,6 +231,14 @@ class OnnxDetector:
                 f"without --dynamic), but {image} is {height}x{width} after resizing to --val_scale "
                 f"{sizes.val_scale} / --max_size {sizes.max_size}; export with --dynamic or a larger --image_size")
 
+    def _run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.session.run(None, feed)
+        except Exception as err:  # onnxruntime's own error types
+            height, width = feed["images"].shape[-2:]
+            raise InputValueError(f"--onnx {self.path} failed on an image of {height}x{width}: "
+                                  f"{str(err).strip().splitlines()[0]}") from None
+
     def detect(self, tensor: Tensor, orig_size: tuple[int, int], threshold: float, top_k: int) -> list[Detection]:
         """Detections in one resized image, which must fit the graph (:meth:`check_fits`)."""
         height, width = tensor.shape[-2:]
@@ -239,10 +250,10 @@ class OnnxDetector:
         feed = {"images": images, "mask": mask}
         if "orig_sizes" in self.inputs:  # exported with --with_postprocess
             feed["orig_sizes"] = np.array([orig_size], dtype=np.int64)
-            scores, labels, boxes = (torch.from_numpy(a[0]) for a in self.session.run(None, feed))
+            scores, labels, boxes = (torch.from_numpy(a[0]) for a in self._run(feed))
             keep = (scores > threshold).nonzero().flatten()[:top_k]
             return [Detection(-1, int(labels[i]), float(scores[i]), tuple(float(v) for v in boxes[i])) for i in keep]
-        logits, boxes = self.session.run(None, feed)
+        logits, boxes = self._run(feed)
         return select_detections({"pred_logits": torch.from_numpy(logits), "pred_boxes": torch.from_numpy(boxes)},
                                  orig_size, threshold, top_k)
 
@@ -336,8 +347,10 @@ def infer(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top_k must be >= 1, got {args.top_k}")
-    if args.draw_scale <= 0:
-        parser.error(f"--draw_scale must be positive, got {args.draw_scale}")
+    if not args.draw_scale > 0 or not math.isfinite(args.draw_scale):
+        parser.error(f"--draw_scale must be a positive number, got {args.draw_scale}")
+    if not math.isfinite(args.threshold):
+        parser.error(f"--threshold must be a number, got {args.threshold}")
     for flag in ("val_scale", "max_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")

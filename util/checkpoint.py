@@ -180,20 +180,30 @@ def check_optimizer_state(checkpoint: Mapping[str, Any], optimizer: torch.optim.
     if _optimizer_kind(saved_groups) != kind:
         raise InputValueError(f"{path} was trained with {_optimizer_kind(saved_groups)}, these flags build {kind} "
                               f"({'--sgd' if kind == 'SGD' else 'no --sgd'}){fresh}")
+    differing = []
+    if saved is not None:
+        for name in ("lr_backbone_names", "lr_linear_proj_names", "train_backbone_stem", "backbone_norm"):
+            if hasattr(saved, name) and getattr(saved, name) != getattr(args, name):
+                differing.append(f"--{name} (checkpoint: {getattr(saved, name)}, here: {getattr(args, name)})")
+        if hasattr(saved, "lr_backbone") and (saved.lr_backbone > 0) != (args.lr_backbone > 0):
+            differing.append(f"--lr_backbone (checkpoint: {saved.lr_backbone}, here: {args.lr_backbone}; "
+                             f"0 freezes the backbone)")
+    because = f" ({', '.join(differing)})" if differing else ""
     sizes = [len(group["params"]) for group in optimizer.param_groups]
     saved_sizes = [len(group.get("params", [])) for group in saved_groups]
     if sizes != saved_sizes:
-        differing = []
-        if saved is not None:
-            for name in ("lr_backbone_names", "lr_linear_proj_names", "train_backbone_stem", "backbone_norm"):
-                if hasattr(saved, name) and getattr(saved, name) != getattr(args, name):
-                    differing.append(f"--{name} (checkpoint: {getattr(saved, name)}, here: {getattr(args, name)})")
-            if hasattr(saved, "lr_backbone") and (saved.lr_backbone > 0) != (args.lr_backbone > 0):
-                differing.append(f"--lr_backbone (checkpoint: {saved.lr_backbone}, here: {args.lr_backbone}; "
-                                 f"0 freezes the backbone)")
-        because = f" ({', '.join(differing)})" if differing else ""
         raise InputValueError(f"{path} cannot continue with these flags: its optimizer's parameter groups hold "
                               f"{saved_sizes} parameters, these flags give {sizes}{because}{fresh}")
+    # Groups of the same sizes may still hold other parameters: each one's saved moments must have
+    # its shape, and the flags that choose the groups must be the checkpoint's.
+    state = checkpoint["optimizer"].get("state", {})
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved_ids = [i for group in saved_groups for i in group["params"]]
+    shapes_differ = any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != param.shape
+                        for i, param in zip(saved_ids, params) for v in state.get(i, {}).values())
+    if shapes_differ or differing:
+        raise InputValueError(f"{path} cannot continue with these flags: its optimizer's parameter groups hold "
+                              f"other parameters than these flags give them{because}{fresh}")
     if saved is None:
         return []
     return [f"--{name} {getattr(args, name)} (saved: {getattr(saved, name)})"

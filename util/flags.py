@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from util.errors import InputValueError
+from util.errors import InputValueError, ParameterError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -255,10 +255,43 @@ def check_flag_bounds(args: argparse.Namespace) -> None:
         if not hasattr(args, name):
             continue
         value = getattr(args, name)
-        if not all(bounds.admits(v) for v in (value if isinstance(value, list) else [value])):
+        values = value if isinstance(value, list) else [value]
+        if not all(bounds.admits(v) for v in values):
             shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            finite = "finite and " if not all(math.isfinite(v) for v in values) else ""
             raise InputValueError(f"--{name} {shown} must be {'each ' if isinstance(value, list) else ''}"
-                                  f"{bounds.describe()}")
+                                  f"{finite}{bounds.describe()}")
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """The checks of ``main.py``'s flags that every tool building its model applies: each numeric
+    flag's range (:data:`FLAG_BOUNDS`), then the model's flags that do not fit together; otherwise
+    :class:`~util.errors.InputValueError` naming them."""
+    check_flag_bounds(args)
+    if args.hidden_dim % args.nheads:
+        raise InputValueError(f"--hidden_dim {args.hidden_dim} must be divisible by --nheads {args.nheads}")
+    if args.hidden_dim % 32:
+        raise InputValueError(f"--hidden_dim {args.hidden_dim} must be a multiple of 32 (the input projections' "
+                              f"GroupNorm has 32 groups)")
+    if args.num_feature_levels == 2:
+        raise InputValueError("--num_feature_levels must be 1 (the last backbone stage) or at least 3 (its last "
+                              "three stages, plus extra levels), got 2")
+    if args.two_stage and not args.with_box_refine:
+        raise InputValueError("--two_stage needs --with_box_refine (the original's two-stage variant is "
+                              "'++ two-stage': refinement plus two-stage)")
+
+
+# Library parameters whose command-line flag has another name.
+FLAG_OF_PARAMETER = {"weights": "backbone_weights", "norm": "backbone_norm", "base_width": "backbone_width",
+                     "train_stem": "train_backbone_stem", "d_model": "hidden_dim", "nhead": "nheads",
+                     "two_stage_num_proposals": "num_queries"}
+
+
+def error_message(err: Exception) -> str:
+    """An input error's message for the command line: a library parameter named by its flag."""
+    if isinstance(err, ParameterError):
+        return err.as_flag(FLAG_OF_PARAMETER.get(err.param))
+    return str(err)
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
