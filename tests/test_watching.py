@@ -39,8 +39,11 @@ def log_lines(folder: Path) -> list[dict]:
 # The moving average
 
 def test_model_ema_follows_its_formula_in_float64():
+    """Also for a layer two modules share, as the model's per-layer heads without box refinement:
+    listed under both names, it is averaged once per step."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), shared, shared)
     decay, warmup = 0.9, 2.0
     ema = ModelEMA(model, decay, warmup)
     expected = {k: v.double().clone() for k, v in model.state_dict().items() if v.is_floating_point()}

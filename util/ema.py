@@ -43,13 +43,16 @@ class ModelEMA:
         """One step of the average towards ``model``'s current weights."""
         weight = 1 - self.current_decay()
         averaged, targets = [], []
-        mine = self.module.state_dict()
-        for name, value in model.state_dict().items():
+        # parameters() and buffers() list a tensor that several modules share once (state_dict()
+        # lists it under every name, and it would be averaged once per name)
+        mine = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [*model.parameters(), *model.buffers()]
+        for own, value in zip(mine, theirs, strict=True):
             if value.is_floating_point():
-                averaged.append(mine[name])
+                averaged.append(own)
                 targets.append(value)
             else:
-                mine[name].copy_(value)
+                own.copy_(value)
         # one multi-tensor call: ema + weight * (model - ema), per tensor
         torch._foreach_lerp_(averaged, targets, weight)
         self.updates += 1
