@@ -229,8 +229,8 @@ def train_and_evaluate(args: argparse.Namespace) -> None:
 
         if args.eval:
             after = ""
-            if checkpoint is not None and mid_epoch_progress(checkpoint):
-                within = mid_epoch_progress(checkpoint)
+            within = mid_epoch_progress(checkpoint) if checkpoint is not None else None
+            if within:
                 after = f" (after {within['iteration']} iterations of epoch {within['epoch']})"
             elif checkpoint is not None and "epoch" in checkpoint:
                 after = f" (after epoch {checkpoint['epoch']})"

@@ -347,7 +347,7 @@ def infer(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.top_k < 1:
         parser.error(f"--top_k must be >= 1, got {args.top_k}")
-    if not args.draw_scale > 0 or not math.isfinite(args.draw_scale):
+    if not 0 < args.draw_scale < math.inf:
         parser.error(f"--draw_scale must be a positive number, got {args.draw_scale}")
     if not math.isfinite(args.threshold):
         parser.error(f"--threshold must be a number, got {args.threshold}")
